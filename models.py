@@ -1,0 +1,133 @@
+"""Wire contract of tracefix_rl: the Action, Observation and State models.
+
+The Action accepts TraceFix-RL's JSON unchanged. Everything a client needs is a declared
+Observation field, because ``Observation.metadata`` never reaches clients in openenv-core
+0.3.x. Import this module before any ``openenv`` module (see ``_DeferWebInterface``).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import sys
+from typing import Literal
+
+WEB_INTERFACE_ENV = "ENABLE_WEB_INTERFACE"
+_WEB_MODULE = "openenv.core.env_server.web_interface"
+
+
+def web_interface_enabled() -> bool:
+    """True when ``ENABLE_WEB_INTERFACE`` asks for OpenEnv's Gradio playground at /web."""
+    return os.environ.get(WEB_INTERFACE_ENV, "false").lower() in ("true", "1", "yes")
+
+
+class _DeferWebInterface(importlib.abc.MetaPathFinder):
+    """Keep gradio out of processes that do not serve the web UI.
+
+    openenv-core 0.3 imports its Gradio web interface eagerly (≈8 s of start-up here) but
+    tolerates ``ModuleNotFoundError`` for it. Until the web UI is enabled, this finder
+    declines that one module; ``create_app`` imports it lazily when it is enabled.
+    """
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+        if fullname == _WEB_MODULE and not web_interface_enabled():
+            raise ModuleNotFoundError(f"{_WEB_MODULE} deferred (web UI disabled)", name=fullname)
+        return None
+
+
+if not any(isinstance(f, _DeferWebInterface) for f in sys.meta_path):
+    sys.meta_path.insert(0, _DeferWebInterface())
+
+from openenv.core.env_server.types import Action, Observation, State  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+
+ActionType = Literal[
+    "VIEW_CODE", "RUN_TESTS", "REPLACE_LINES", "UNDO_EDIT", "RESET_TO_ORIGINAL", "SUBMIT"
+]
+ACTION_TYPES: tuple[str, ...] = ActionType.__args__  # type: ignore[attr-defined]
+Difficulty = Literal["easy", "medium", "hard"]
+DIFFICULTIES: tuple[str, ...] = Difficulty.__args__  # type: ignore[attr-defined]
+
+
+class TraceFixAction(Action):
+    """One agent action.
+
+    ``REPLACE_LINES`` replaces lines ``start_line``..``end_line`` (1-indexed, inclusive)
+    with ``new_code_block``: an empty block deletes them, a longer block grows the file,
+    and ``end_line = start_line - 1`` inserts before ``start_line`` (use ``n + 1`` to
+    append). Indentation: if the block's least-indented non-blank line is flush-left, the
+    whole block is shifted to the indentation of the line at ``start_line``; otherwise it
+    is inserted verbatim. ``VIEW_CODE`` optionally takes a line range to focus on.
+    """
+
+    action_type: ActionType = Field(description="Which action to take.")
+    start_line: int | None = Field(
+        default=None, description="First line (1-indexed) for REPLACE_LINES / VIEW_CODE."
+    )
+    end_line: int | None = Field(
+        default=None, description="Last line (inclusive) for REPLACE_LINES / VIEW_CODE."
+    )
+    new_code_block: str | None = Field(
+        default=None,
+        description="Replacement text for REPLACE_LINES; empty deletes the lines.",
+    )
+    thought: str | None = Field(
+        default=None, description="Optional free-text reasoning; ignored by the environment."
+    )
+
+
+class TestResult(BaseModel):
+    """Outcome of one visible test."""
+
+    __test__ = False  # not a pytest test class
+    model_config = ConfigDict(extra="forbid")
+
+    test_name: str
+    passed: bool
+    error_message: str | None = None
+
+
+class TraceFixObservation(Observation):
+    """What the agent sees after every reset and step."""
+
+    task_id: str = ""
+    difficulty: str = ""
+    description: str = Field(default="", description="The spec the fixed code must satisfy.")
+    episode_id: str = ""
+    code_dict: dict[int, str] = Field(
+        default_factory=dict, description="The current file, line number -> text."
+    )
+    localized_context: str = Field(
+        default="", description="Numbered window around the focus line, marked with '>>'."
+    )
+    last_execution_output: str = Field(
+        default="", description="Test summary and captured output of the last run, or a note."
+    )
+    syntax_error: bool = False
+    test_results: list[TestResult] = Field(
+        default_factory=list, description="Visible tests of the last run (hidden never shown)."
+    )
+    tests_passed: int = Field(default=0, description="Visible tests passing in the last run.")
+    tests_total: int = Field(default=0, description="Number of visible tests.")
+    step_count: int = 0
+    steps_remaining: int = 0
+    reward_last_step: float = 0.0
+    last_action_error: str | None = Field(
+        default=None, description="Why the last action was rejected; null when it was valid."
+    )
+    score: float | None = Field(
+        default=None, description="Final grade in [0, 1] over all tests, set when done."
+    )
+    solved: bool | None = Field(default=None, description="Every test passes (set when done).")
+    truncated: bool | None = Field(
+        default=None, description="The episode ended by reaching max_steps (set when done)."
+    )
+
+
+class TraceFixState(State):
+    """Episode bookkeeping returned by ``state``."""
+
+    task_id: str | None = None
+    difficulty: str | None = None
+    max_steps: int = 0
+    done: bool = False
