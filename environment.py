@@ -278,8 +278,10 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         self._phi_measured = phi
         self._results = self._visible_results(verdict)
         self._tests_passed = verdict.passed
-        summary = [f"Ran {verdict.total} visible tests: {verdict.passed} passed, "
-                   f"{verdict.total - verdict.passed} failed."]
+        summary = [
+            f"Ran {verdict.total} visible tests: {verdict.passed} passed, "
+            f"{verdict.total - verdict.passed} failed."
+        ]
         summary += [
             f"{'PASS' if r.passed else 'FAIL'} {r.test_name}"
             + (f": {r.error_message}" if r.error_message else "")
@@ -304,8 +306,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
             raise ActionError(f"start_line {start} is outside 1..{count + 1}")
         if not start - 1 <= end <= count:
             raise ActionError(
-                f"end_line {end} must be between start_line - 1 ({start - 1}, insert) "
-                f"and {count}"
+                f"end_line {end} must be between start_line - 1 ({start - 1}, insert) and {count}"
             )
         anchor = self._lines[start - 1] if start <= count else (self._lines[-1] if count else "")
         indent = anchor[: len(anchor) - len(anchor.lstrip())]
@@ -417,9 +418,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         self._measured_code, self._measured = code, measured
         return measured
 
-    def _syntax_verdict(
-        self, count: int, problem: tuple[int | None, str] | None = None
-    ) -> Verdict:
+    def _syntax_verdict(self, count: int, problem: tuple[int | None, str] | None = None) -> Verdict:
         line, message = problem or syntax_error_of(self._code()) or (None, "SyntaxError")
         return Verdict(tests=(TestVerdict(False, message, line),) * count)
 
@@ -449,6 +448,8 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
             return 1, count
         if start is None:
             raise ActionError("end_line given without start_line")
+        if not 1 <= start <= count:
+            raise ActionError(f"start_line {start} is outside the file (1..{count})")
         if end is None:
             end = min(count, start + 2 * CONTEXT_RADIUS)
         if not 1 <= start <= end <= count:
@@ -489,5 +490,3 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
             solved=self._solved,
             truncated=self._truncated,
         )
-
-

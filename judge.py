@@ -13,11 +13,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox import EvalResult
+from sandbox import EvalResult, TestTimeout
 
 FLOAT_REL_TOL = 1e-9
 FLOAT_ABS_TOL = 1e-12
 RENDER_CHARS = 160
+TIMEOUT_EXCEPTION = TestTimeout.__name__  # raised in the sandbox child when a test overruns
 
 
 @dataclass(frozen=True)
@@ -77,9 +78,7 @@ def judge(result: EvalResult, expected: Sequence[dict[str, Any]]) -> Verdict:
         failed = TestVerdict(False, "result channel tampered with; run discarded")
         return Verdict(tests=(failed,) * total, tampered=True, timed_out=result.timed_out)
     missing = _missing_reason(result)
-    verdicts = tuple(
-        _judge_one(by_index.get(i), expected[i], missing) for i in range(total)
-    )
+    verdicts = tuple(_judge_one(by_index.get(i), expected[i], missing) for i in range(total))
     return Verdict(tests=verdicts, timed_out=result.timed_out)
 
 
@@ -101,7 +100,10 @@ def _judge_one(
         if "e" in expected and actual["e"] == expected["e"]:
             return TestVerdict(True)
         message = str(actual.get("m") or "")
-        detail = f"raised {actual['e']}" + (f": {message}" if message else "")
+        if actual["e"] == TIMEOUT_EXCEPTION:
+            detail = f"timed out ({message})" if message else "timed out"
+        else:
+            detail = f"raised {actual['e']}" + (f": {message}" if message else "")
         if line is not None:
             detail += f" (line {line})"
         if "e" in expected:

@@ -222,13 +222,14 @@ if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--child":
 # never pays for them (they cost ~50 ms of interpreter start-up per evaluation).
 # ---------------------------------------------------------------------------
 
+import collections  # noqa: E402
 import select  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from typing import Protocol  # noqa: E402
 
 # ---------------------------------------------------------------------------
@@ -268,12 +269,12 @@ class EvalRequest:
     Every test runs in a fresh module namespace: the code is executed, then the snippet;
     the observation is the value of the snippet's last expression statement.
     ``labels`` (optional, one per test) are printed to stdout before each test so the
-    captured output can be attributed.
+    captured output can be attributed. ``limits`` defaults to the backend's limits.
     """
 
     code: str
     tests: tuple[str, ...]
-    limits: Limits = field(default_factory=Limits)
+    limits: Limits | None = None
     labels: tuple[str, ...] = ()
 
 
@@ -335,6 +336,48 @@ SANDBOX_ROOT_ENV = "SANDBOX_ROOT"
 _READ_CHUNK = 65536
 
 
+class FairSlots:
+    """A counting semaphore that serves waiters first-come, first-served.
+
+    ``threading.Semaphore`` lets a releasing thread grab the slot straight back, which
+    starved some sessions for 10+ s under load; here a freed slot is handed to the oldest
+    waiter.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._free = count
+        self._lock = threading.Lock()
+        self._waiters: collections.deque[threading.Lock] = collections.deque()
+
+    def acquire(self, timeout: float) -> bool:
+        with self._lock:
+            if self._free > 0 and not self._waiters:
+                self._free -= 1
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        if waiter.acquire(timeout=timeout):
+            return True
+        with self._lock:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:
+                return True  # a slot was handed over just as the wait timed out
+            return False
+
+    def release(self) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._free += 1
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+
 def _default_parallelism() -> int:
     return max(2, os.cpu_count() or 2)
 
@@ -354,7 +397,7 @@ class ProcessSandbox:
         self.limits = limits or Limits()
         self.max_parallel = max_parallel or _default_parallelism()
         self.queue_timeout_s = queue_timeout_s
-        self._slots = threading.BoundedSemaphore(self.max_parallel)
+        self._slots = FairSlots(self.max_parallel)
         base = (
             root
             or os.environ.get(SANDBOX_ROOT_ENV)
@@ -375,6 +418,7 @@ class ProcessSandbox:
             "limits": asdict(self.limits),
             "max_parallel": self.max_parallel,
             "in_flight": self._in_flight,
+            "queued": self._slots.waiting,
             "evaluations": self.evaluations,
         }
 
@@ -398,7 +442,7 @@ class ProcessSandbox:
             self._slots.release()
 
     def _run_child(self, request: EvalRequest) -> EvalResult:
-        limits = request.limits
+        limits = request.limits or self.limits
         workdir = tempfile.mkdtemp(prefix="run-", dir=self.root)
         out_fd = os.memfd_create("tracefix-output", os.MFD_CLOEXEC)
         rec_r, rec_w = os.pipe()

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from judge import Verdict, expected_record, judge
+from judge import TIMEOUT_EXCEPTION, Verdict, expected_record, judge
 from models import DIFFICULTIES, Difficulty
 from sandbox import EvalRequest, SandboxBackend, get_sandbox
 
@@ -181,9 +181,7 @@ class TaskRegistry:
         if task_id is not None:
             task = self.get(task_id)
             if difficulty is not None and task.difficulty != difficulty:
-                raise TaskSelectionError(
-                    f"task {task_id!r} is {task.difficulty}, not {difficulty}"
-                )
+                raise TaskSelectionError(f"task {task_id!r} is {task.difficulty}, not {difficulty}")
             return task
         candidates = self.ids(difficulty)
         if not candidates:
@@ -236,8 +234,11 @@ def _read_entries(path: Path) -> Iterator[tuple[str, Any]]:
         for number, item in enumerate(items):
             yield (f"{path}[{number}]" if isinstance(data, list) else str(path)), item
     else:
-        yield str(path), ValueError(
-            f"unsupported file type {path.suffix!r}; use one of {', '.join(TASK_FILE_SUFFIXES)}"
+        yield (
+            str(path),
+            ValueError(
+                f"unsupported file type {path.suffix!r}; use one of {', '.join(TASK_FILE_SUFFIXES)}"
+            ),
         )
 
 
@@ -267,9 +268,10 @@ def _defines(code: str, name: str) -> bool:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             if node.name == name:
                 return True
-        elif isinstance(node, ast.Assign):
-            if any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
-                return True
+        elif isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            return True
     return False
 
 
@@ -329,7 +331,7 @@ def oracle_check(task: Task, sandbox: SandboxBackend) -> Task | TaskProblem:
         kind = "visible" if index < len(task.visible_tests) else "hidden"
         if record is None:
             problems.append(f"solution produced no result for {kind} test {test.name!r}")
-        elif record.get("e") in ("TestTimeout", "MemoryError", "RecursionError"):
+        elif record.get("e") in (TIMEOUT_EXCEPTION, "MemoryError", "RecursionError"):
             problems.append(f"solution hit {record['e']} on {kind} test {test.name!r}")
         elif "v" in record and _contains_unserializable(record["v"]):
             problems.append(
@@ -419,9 +421,7 @@ def get_registry() -> TaskRegistry:
     with _registry_lock:
         if _registry is None:
             _registry = load_registry(os.environ.get(TASKS_ENV) or None)
-            log.info(
-                "loaded %d tasks (%d skipped)", len(_registry.tasks), len(_registry.problems)
-            )
+            log.info("loaded %d tasks (%d skipped)", len(_registry.tasks), len(_registry.problems))
         return _registry
 
 
@@ -433,16 +433,22 @@ def _main(argv: list[str] | None = None) -> int:
     registry = load_registry(os.environ.get(TASKS_ENV) or None)
     if args.command == "list":
         rows = [
-            {"task_id": t.task_id, "difficulty": t.difficulty, "bug_type": t.bug_type,
-             "source": t.source}
+            {
+                "task_id": t.task_id,
+                "difficulty": t.difficulty,
+                "bug_type": t.bug_type,
+                "source": t.source,
+            }
             for t in (registry.tasks[i] for i in registry.ids())
         ]
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
             for row in rows:
-                print(f"{row['task_id']:48} {row['difficulty']:7} {row['bug_type']:24} "
-                      f"{row['source']}")
+                print(
+                    f"{row['task_id']:48} {row['difficulty']:7} {row['bug_type']:24} "
+                    f"{row['source']}"
+                )
         return 0
     invalid = [
         {"task_id": p.task_id, "source": p.origin, "reason": p.reason} for p in registry.problems

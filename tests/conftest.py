@@ -1,0 +1,118 @@
+"""Shared fixtures: the task registry, environments, and real server subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import models  # noqa: E402,F401  (first: keeps gradio out of the test process)
+
+# isort: split
+
+from environment import TraceFixEnvironment  # noqa: E402
+from tasks import TaskRegistry, get_registry  # noqa: E402
+
+FAKE_SECRET = "hf_FAKE_SECRET_TOKEN_3f9a1c"
+SERVER_START_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="session")
+def registry() -> TaskRegistry:
+    return get_registry()
+
+
+@pytest.fixture
+def make_env(registry: TaskRegistry):
+    def factory() -> TraceFixEnvironment:
+        return TraceFixEnvironment(registry=registry)
+
+    return factory
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """A ``python -m server.app`` subprocess on a free 127.0.0.1 port."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None, argv: list[str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "TRACEFIX_FAKE_SECRET": FAKE_SECRET, "LOG_LEVEL": "WARNING"}
+        env.pop("ENABLE_WEB_INTERFACE", None)
+        env.update(extra_env or {})
+        command = argv or [sys.executable, "-m", "server.app"]
+        self.log_path = Path(f"/tmp/tracefix-test-server-{self.port}.log")
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[ServerProcess]:
+    proc = ServerProcess()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def start_server() -> Iterator:
+    started: list[ServerProcess] = []
+
+    def start(**kwargs) -> ServerProcess:
+        proc = ServerProcess(**kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()

@@ -1,0 +1,118 @@
+"""The first sandbox backend: observations only, limits, cleanup, no secrets."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from judge import judge
+from sandbox import EvalRequest, Limits, ProcessSandbox, canonical
+from tests.conftest import FAKE_SECRET
+
+
+@pytest.fixture(scope="module")
+def sandbox():
+    box = ProcessSandbox(limits=Limits(wall_s=3.0, per_test_s=1.0, cpu_s=3))
+    yield box
+    box.close()
+
+
+def run(box: ProcessSandbox, code: str, *tests: str, **kw):
+    return box.run(EvalRequest(code=code, tests=tests, **kw))
+
+
+class Sub(int):
+    pass
+
+
+def test_canonical_keeps_exact_types_apart():
+    assert canonical(1) == 1 and canonical(True) is True and canonical(1.0) == 1.0
+    assert type(canonical(1.0)) is float
+    assert canonical((1, 2)) == {"t": "tuple", "v": [1, 2]}
+    assert canonical([1, (2,)]) == [1, {"t": "tuple", "v": [2]}]
+    assert canonical({3, 1, 2}) == {"t": "set", "v": [1, 2, 3]}
+    assert canonical({"b": 1, "a": 2}) == canonical({"a": 2, "b": 1})
+    assert canonical(float("nan")) == {"t": "float", "v": "nan"}
+    assert canonical(b"\x00\xff") == {"t": "bytes", "v": "00ff"}
+
+
+def test_canonical_rejects_subclasses_and_objects():
+    assert canonical(Sub(3)) == {"t": "unserializable", "v": "Sub"}
+    assert canonical([object()])["t"] == "unserializable"
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    assert canonical(deep) == {"t": "unserializable", "v": "too deep"}
+
+
+def test_values_and_exceptions_are_observed(sandbox):
+    result = run(sandbox, "def f(x):\n    return 10 // x\n", "f(2)", "f(0)", "x = f(5)")
+    assert result.records == [
+        {"i": 0, "v": 5},
+        {"i": 1, "e": "ZeroDivisionError", "m": "integer division or modulo by zero", "ln": 2},
+        {"i": 2, "v": None},
+    ]
+    assert not result.timed_out
+
+
+def test_each_test_gets_a_fresh_namespace(sandbox):
+    code = "counter = []\ndef add(x):\n    counter.append(x)\n    return len(counter)\n"
+    result = run(sandbox, code, "add(1)", "add(1)")
+    assert [r["v"] for r in result.records] == [1, 1]
+
+
+def test_timeout_kills_and_keeps_earlier_records(sandbox):
+    start = time.monotonic()
+    code = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+    code += "def f(x):\n    if x:\n        while True: pass\n    return 1\n"
+    result = run(sandbox, code, "f(0)", "f(1)", "f(0)")
+    assert time.monotonic() - start < 3.0 + 2.0
+    assert result.timed_out
+    assert result.records == [{"i": 0, "v": 1}]
+
+
+def test_crash_and_exit_leave_missing_records(sandbox):
+    crash = run(sandbox, "import ctypes\n", "1", "ctypes.string_at(0)", "2")
+    assert [r["i"] for r in crash.records] == [0] and crash.signal == 11
+    exited = run(sandbox, "import os\n", "1", "os._exit(0)", "2")
+    assert [r["i"] for r in exited.records] == [0] and exited.exit_code == 0
+    verdict = judge(exited, [{"v": 1}, {"v": None}, {"v": 2}])
+    assert [t.passed for t in verdict.tests] == [True, False, False]
+
+
+def test_sys_exit_is_an_exception_not_a_pass(sandbox):
+    result = run(sandbox, "import sys\n", "sys.exit(0)")
+    assert result.records[0]["e"] == "SystemExit"
+
+
+def test_output_is_captured_with_a_cap(sandbox):
+    result = run(sandbox, "print('hello')\n", "print('x' * 10**6)", "1", labels=("a", "b"))
+    assert "hello" in result.output and len(result.output) <= Limits().output_bytes
+    assert result.records[-1] == {"i": 1, "v": 1}
+
+
+def test_memory_limit(sandbox):
+    result = run(sandbox, "", "len(bytearray(4 * 1024**3))")
+    assert result.records[0]["e"] == "MemoryError"
+
+
+def test_child_environment_has_no_secret(sandbox, monkeypatch):
+    monkeypatch.setenv("TRACEFIX_FAKE_SECRET", FAKE_SECRET)
+    result = run(sandbox, "import os\n", "dict(os.environ)", "os.getcwd()")
+    environ = result.records[0]["v"]["v"]
+    assert not any(FAKE_SECRET in str(pair) for pair in environ)
+    assert result.records[1]["v"].startswith(sandbox.root)
+
+
+def test_workdirs_and_processes_are_cleaned_up(sandbox):
+    code = "import threading, time\nthreading.Thread(target=time.sleep, args=(30,)).start()\n"
+    result = run(sandbox, code, "open('f.txt', 'w').write('x')")
+    assert result.records[0]["v"] == 1
+    assert os.listdir(sandbox.root) == []
+
+
+def test_syntax_error_is_reported_per_test(sandbox):
+    result = run(sandbox, "def f(:\n", "f(1)", "2")
+    assert [r["e"] for r in result.records] == ["SyntaxError", "SyntaxError"]
