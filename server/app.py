@@ -94,7 +94,7 @@ class EpisodeStoreFull(RuntimeError):
 class _Episode:
     env: TraceFixEnvironment
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_used: float = field(default_factory=time.monotonic)
+    last_used: float = field(default_factory=lambda: time.monotonic())
 
 
 class HttpEpisodes:
@@ -275,9 +275,10 @@ def create_tracefix_app() -> FastAPI:
         ]
         return {"total": len(ids), "offset": offset, "limit": limit, "tasks": rows}
 
-    @app.on_event("shutdown")
     async def _close_episodes() -> None:
         episodes.close()
+
+    app.router.on_shutdown.append(_close_episodes)
 
     app.openapi_schema = None
     return app
