@@ -405,8 +405,7 @@ class ProcessSandbox:
         )
         os.makedirs(base, mode=0o711, exist_ok=True)
         _sweep_stale_roots(base)
-        self.root = os.path.join(base, str(os.getpid()))
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.root = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
         self._in_flight = 0
         self._lock = threading.Lock()
         self.evaluations = 0
@@ -501,12 +500,13 @@ class ProcessSandbox:
 
 
 def _sweep_stale_roots(base: str) -> None:
-    """Remove per-process working roots left behind by servers that no longer run."""
+    """Remove working roots (named ``<pid>-…``) left behind by processes that are gone."""
     for name in os.listdir(base):
-        if not name.isdigit() or int(name) == os.getpid():
+        pid = name.split("-", 1)[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:
-            os.kill(int(name), 0)
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(os.path.join(base, name), ignore_errors=True)
         except PermissionError:

@@ -100,11 +100,11 @@ def test_view_code(env):
 
 def test_run_tests_reports_visible_results(env):
     obs = env.step(act("RUN_TESTS"))
-    assert obs.tests_total == 3 and obs.tests_passed == 1
+    assert obs.tests_total == 4 and obs.tests_passed == 1
     failing = [r for r in obs.test_results if not r.passed]
     assert failing[0].test_name == "sum_of_evens([1, 2, 3, 4])"
     assert failing[0].error_message == "expected 6, got 4"
-    assert "Ran 3 visible tests: 1 passed, 2 failed." in obs.last_execution_output
+    assert "Ran 4 visible tests: 1 passed, 3 failed." in obs.last_execution_output
     assert obs.reward == -STEP_COST  # untouched code: no shaping
 
 

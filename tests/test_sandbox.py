@@ -116,3 +116,45 @@ def test_workdirs_and_processes_are_cleaned_up(sandbox):
 def test_syntax_error_is_reported_per_test(sandbox):
     result = run(sandbox, "def f(:\n", "f(1)", "2")
     assert [r["e"] for r in result.records] == ["SyntaxError", "SyntaxError"]
+
+
+def test_sandboxes_have_separate_roots_and_sweep_dead_ones(tmp_path):
+    first = ProcessSandbox(root=str(tmp_path))
+    second = ProcessSandbox(root=str(tmp_path))
+    assert first.root != second.root
+    first.close()
+    assert run(second, "", "1").records == [{"i": 0, "v": 1}]
+    stale = tmp_path / "999999999-old"
+    stale.mkdir()
+    third = ProcessSandbox(root=str(tmp_path))
+    assert not stale.exists() and os.path.isdir(second.root)
+    second.close()
+    third.close()
+
+
+def test_fair_slots_serve_waiters_in_order():
+    import threading
+
+    from sandbox import FairSlots
+
+    slots = FairSlots(1)
+    assert slots.acquire(timeout=1)
+    order: list[int] = []
+
+    def waiter(n: int) -> None:
+        assert slots.acquire(timeout=10)
+        order.append(n)
+        slots.release()
+
+    threads = []
+    for n in range(5):
+        thread = threading.Thread(target=waiter, args=(n,))
+        thread.start()
+        threads.append(thread)
+        while slots.waiting < n + 1:
+            time.sleep(0.001)
+    slots.release()
+    for thread in threads:
+        thread.join()
+    assert order == [0, 1, 2, 3, 4]
+    assert not FairSlots(0).acquire(timeout=0.05)

@@ -69,7 +69,7 @@ def test_interleaved_http_episodes_do_not_interfere(server):
     post(server, "/step", {"action": {"action_type": "VIEW_CODE"}, "episode_id": "ep-B"})
     a = post(server, "/step", {"action": {"action_type": "RUN_TESTS"}, "episode_id": "ep-A"})
     b = post(server, "/step", {"action": {"action_type": "RUN_TESTS"}, "episode_id": "ep-B"})
-    assert a.json()["observation"]["tests_passed"] == 3
+    assert a.json()["observation"]["tests_passed"] == 4
     assert a.json()["observation"]["step_count"] == 2
     assert b.json()["observation"]["task_id"] == "lru_cache_get_does_not_promote"
     assert b.json()["observation"]["step_count"] == 3
@@ -142,7 +142,7 @@ def test_ws_episode_with_typed_client(server):
         result = env.step(TraceFixAction(**FIX))
         assert result.observation.last_action_error is None
         result = env.step(TraceFixAction(action_type="RUN_TESTS"))
-        assert result.observation.tests_passed == 3 and result.reward > 0
+        assert result.observation.tests_passed == 4 and result.reward > 0
         state = env.state()
         assert state.episode_id == "ws-typed" and state.step_count == 2
         result = env.step(TraceFixAction(action_type="SUBMIT"))
@@ -204,7 +204,7 @@ def test_concurrent_ws_sessions_are_isolated(server):
         return await asyncio.gather(session("s1", TASK, True), session("s2", TASK, False))
 
     first, second = asyncio.run(both())
-    assert first[-2]["data"]["observation"]["tests_passed"] == 3
+    assert first[-2]["data"]["observation"]["tests_passed"] == 4
     assert second[-2]["data"]["observation"]["tests_passed"] == 1
     assert first[-1]["data"]["episode_id"] == "s1" and first[-1]["data"]["step_count"] == 2
     assert second[-1]["data"]["episode_id"] == "s2" and second[-1]["data"]["step_count"] == 1

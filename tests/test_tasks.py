@@ -45,8 +45,8 @@ def test_builtin_tiers_and_test_counts(registry: TaskRegistry):
     assert tiers["easy"] >= 4 and tiers["medium"] >= 6 and tiers["hard"] >= 6
     for task in registry.tasks.values():
         assert task.source == "curated"
-        assert len(task.visible_tests) >= 3, task.task_id
-        assert len(task.hidden_tests) >= 6, task.task_id
+        assert len(task.visible_tests) >= 4, task.task_id
+        assert len(task.hidden_tests) >= 8, task.task_id
     assert any("class " in task.solution for task in registry.tasks.values())
     assert any("lru" in task.task_id for task in registry.tasks.values())
 

@@ -1,0 +1,127 @@
+"""Packaging facts the README and the deployment targets rely on."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import tomllib
+
+import httpx
+import pytest
+import yaml
+
+from environment import REWARD_RANGE
+from tasks import TaskRegistry
+from tests.conftest import REPO
+
+TEST_COMMAND = "uv run pytest"
+
+
+def front_matter() -> dict:
+    text = (REPO / "README.md").read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_readme_front_matter_and_first_screen():
+    meta = front_matter()
+    assert meta["sdk"] == "docker" and meta["app_port"] == 8000 and meta["base_path"] == "/web"
+    assert {"openenv", "reinforcement-learning", "software-engineering"} <= set(meta["tags"])
+    body = (REPO / "README.md").read_text().split("---\n", 2)[2]
+    first_screen = body.split("\n## ")[0]
+    commands = [
+        line.split("#")[0].strip() for line in first_screen.splitlines() if line.startswith("uv ")
+    ]
+    assert commands == ["uv run server", TEST_COMMAND]
+
+
+def test_ci_runs_the_readme_test_command():
+    script = (REPO / ".ci" / "run").read_text()
+    assert TEST_COMMAND in script.splitlines()
+    assert "pip install" in script and "uv" in script
+
+
+def test_manifest(registry: TaskRegistry):
+    manifest = yaml.safe_load((REPO / "openenv.yaml").read_text())
+    expected = {
+        "spec_version": 1,
+        "name": "tracefix_rl",
+        "type": "space",
+        "runtime": "fastapi",
+        "app": "server.app:app",
+        "port": 8000,
+    }
+    assert {k: manifest[k] for k in expected} == expected
+    tiers = set()
+    for entry in manifest["tasks"]:
+        task = registry.tasks[entry["id"]]
+        assert task.difficulty == entry["difficulty"]
+        assert entry["grader"]["type"] == "deterministic"
+        tiers.add(entry["difficulty"])
+    assert tiers == {"easy", "medium", "hard"}
+    validation = manifest["validation"]
+    assert tuple(validation["reward"]["range"]) == REWARD_RANGE
+    assert validation["capabilities"]["verifier"]["kind"] == "reward_channel"
+    assert validation["types"]["tags"]
+
+
+def test_pyproject_lists_every_module_and_the_server_script():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert project["project"]["scripts"]["server"] == "server.app:main"
+    modules = set(project["tool"]["setuptools"]["py-modules"])
+    top_level = {p.stem for p in REPO.glob("*.py")}
+    assert top_level <= modules, f"missing from py-modules: {top_level - modules}"
+    deps = " ".join(project["project"]["dependencies"])
+    assert "openenv-core" in deps and "fastmcp>=3,<4" in deps
+    app = ast.parse((REPO / "server" / "app.py").read_text())
+    guard = [n for n in app.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+    assert guard and "main()" in ast.unparse(guard[0].body[0])
+
+
+def test_dockerfile_essentials():
+    text = (REPO / "Dockerfile").read_text()
+    for fragment in (
+        "FROM python:3.11-slim",
+        "--uid 1000",
+        "USER 1000",
+        "uv sync --frozen",
+        "EXPOSE 8000",
+        "HEALTHCHECK",
+        "/health",
+        "ENABLE_WEB_INTERFACE=true",
+    ):
+        assert fragment in text, fragment
+
+
+def test_web_interface_serves_playground_and_stateful_http(start_server):
+    proc = start_server(extra_env={"ENABLE_WEB_INTERFACE": "true"})
+    assert httpx.get(f"{proc.url}/web/", timeout=30).status_code == 200
+    reset = httpx.post(f"{proc.url}/reset", json={"seed": 1, "episode_id": "web-1"}, timeout=30)
+    step = httpx.post(f"{proc.url}/step", json={"action": {"action_type": "VIEW_CODE"}}, timeout=30)
+    assert reset.status_code == step.status_code == 200
+    assert step.json()["observation"]["episode_id"] == "web-1"
+    assert step.json()["observation"]["step_count"] == 1
+
+
+@pytest.mark.slow
+def test_openenv_010_static_validation(tmp_path):
+    """The newer validator generation (openenv 0.10, separate venv) accepts the manifest."""
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not installed")
+    venv = tmp_path / "oe10"
+    subprocess.run([uv, "venv", "-q", str(venv)], check=True)
+    subprocess.run(
+        [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), "openenv==0.10.0"],
+        check=True,
+        timeout=900,
+    )
+    done = subprocess.run(
+        [str(venv / "bin" / "openenv"), "validate", "--level", "static", "--skip-build"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASS  static.manifest" in done.stdout
