@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from judge import TIMEOUT_EXCEPTION, Verdict, expected_record, judge
 from models import DIFFICULTIES, Difficulty
-from sandbox import EvalRequest, SandboxBackend, get_sandbox
+from sandbox import EvalRequest, EvalResult, SandboxBackend, get_sandbox
 
 log = logging.getLogger("tracefix_rl.tasks")
 
@@ -313,7 +313,9 @@ def parse_task(origin: str, raw: Any) -> Task | TaskProblem:
 # ---------------------------------------------------------------------------
 
 
-def evaluate(sandbox: SandboxBackend, code: str, tests: tuple[TaskTest, ...], **kw: Any):
+def evaluate(
+    sandbox: SandboxBackend, code: str, tests: tuple[TaskTest, ...], **kw: Any
+) -> EvalResult:
     """Run ``code`` against ``tests`` in the sandbox (returns the raw ``EvalResult``)."""
     return sandbox.run(EvalRequest(code=code, tests=tuple(t.code for t in tests), **kw))
 

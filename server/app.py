@@ -49,7 +49,7 @@ from starlette.concurrency import run_in_threadpool
 
 from environment import TraceFixEnvironment
 from models import TraceFixAction, TraceFixObservation, TraceFixState
-from sandbox import get_sandbox
+from sandbox import SandboxBusy, get_sandbox
 from tasks import TaskSelectionError, get_registry
 
 log = logging.getLogger("tracefix_rl.server")
@@ -220,7 +220,10 @@ def create_tracefix_app() -> FastAPI:
             raise HTTPException(422, jsonable_encoder(exc.errors(include_url=False))) from None
         episode = episodes.get(request.episode_id)
         async with episode.lock:
-            observation = await run_in_threadpool(episode.env.step, action)
+            try:
+                observation = await run_in_threadpool(episode.env.step, action)
+            except SandboxBusy as exc:
+                raise HTTPException(503, str(exc)) from None
         episode.last_used = time.monotonic()
         return StepResponse(**serialize_observation(observation))
 

@@ -372,3 +372,25 @@ def test_repeated_runs_earn_nothing(env):
     first = env.step(act("RUN_TESTS")).reward
     assert first > 0
     assert [env.step(act("RUN_TESTS")).reward for _ in range(3)] == [-STEP_COST] * 3
+
+
+def test_busy_sandbox_is_reported_without_penalty(registry: TaskRegistry):
+    import threading
+
+    from sandbox import EvalRequest, Limits, ProcessSandbox
+
+    box = ProcessSandbox(limits=Limits(wall_s=2.0), max_parallel=1, queue_timeout_s=0.1)
+    env = TraceFixEnvironment(registry=registry, sandbox=box)
+    env.reset(task_id=TASK)
+    hog = threading.Thread(target=box.run, args=(EvalRequest("import time", ("time.sleep(5)",)),))
+    hog.start()
+    while box.describe()["in_flight"] == 0:
+        pass
+    obs = env.step(act("RUN_TESTS"))
+    assert "sandbox busy" in obs.last_action_error and obs.reward == -STEP_COST
+    obs = env.step(act("SUBMIT"))
+    assert "sandbox busy" in obs.last_action_error and not obs.done
+    hog.join()
+    obs = env.step(act("SUBMIT"))
+    assert obs.done and obs.last_action_error is None
+    box.close()
