@@ -24,6 +24,7 @@ import ast
 import logging
 import os
 import random
+import threading
 import uuid
 from collections.abc import Callable
 from importlib import metadata
@@ -34,8 +35,8 @@ from openenv.core.env_server.types import EnvironmentMetadata
 
 from judge import TestVerdict, Verdict, judge
 from models import TestResult, TraceFixAction, TraceFixObservation, TraceFixState
-from sandbox import SandboxBackend, SandboxBusy, get_sandbox
-from tasks import Task, TaskRegistry, TaskSelectionError, evaluate, get_registry
+from sandbox import EvalResult, SandboxBackend, SandboxBusy, get_sandbox
+from tasks import Task, TaskRegistry, TaskSelectionError, TaskTest, evaluate, get_registry
 
 log = logging.getLogger("tracefix_rl.environment")
 
@@ -149,6 +150,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         }
         self._task: Task | None = None
         self._state = TraceFixState(max_steps=default_max_steps())
+        self._evaluating = threading.Lock()  # at most one evaluation in flight per episode
 
     # -- public API ---------------------------------------------------------------------
 
@@ -382,6 +384,15 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         self._state.done = True
         return reward
 
+    def _evaluate(self, code: str, tests: tuple[TaskTest, ...], **kw: Any) -> EvalResult:
+        """Run one sandbox evaluation for this episode (never two at once)."""
+        if not self._evaluating.acquire(blocking=False):
+            raise ActionError("an evaluation is already running for this episode")
+        try:
+            return evaluate(self.sandbox, code, tests, **kw)
+        finally:
+            self._evaluating.release()
+
     def _grade_all(self) -> Verdict:
         assert self._task is not None
         code = self._code()
@@ -389,7 +400,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
             return self._syntax_verdict(len(self._task.all_tests))
         for attempt in range(GRADING_ATTEMPTS):
             try:
-                result = evaluate(self.sandbox, code, self._task.all_tests)
+                result = self._evaluate(code, self._task.all_tests)
                 return judge(result, self._task.expected)
             except SandboxBusy:
                 if attempt == GRADING_ATTEMPTS - 1:
@@ -408,8 +419,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
             verdict = self._syntax_verdict(len(task.visible_tests), problem)
             measured = (verdict, "")
         else:
-            result = evaluate(
-                self.sandbox,
+            result = self._evaluate(
                 code,
                 task.visible_tests,
                 labels=tuple(t.name for t in task.visible_tests),

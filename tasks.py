@@ -400,7 +400,7 @@ def load_registry(
                 else:
                     seen.add(item.task_id)
                     parsed.append(item)
-    workers = getattr(sandbox, "max_parallel", 2)
+    workers = int(sandbox.describe().get("workers", 2))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oracle") as pool:
         checked = list(pool.map(lambda t: oracle_check(t, sandbox), parsed))
     for item in checked:

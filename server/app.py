@@ -49,7 +49,7 @@ from starlette.concurrency import run_in_threadpool
 
 from environment import TraceFixEnvironment
 from models import TraceFixAction, TraceFixObservation, TraceFixState
-from sandbox import SandboxBusy, get_sandbox
+from sandbox import SandboxBusy, SandboxUnavailable, get_sandbox
 from tasks import TaskSelectionError, get_registry
 
 log = logging.getLogger("tracefix_rl.server")
@@ -173,8 +173,12 @@ def _remove_routes(app: FastAPI, paths: set[str]) -> None:
 
 def create_tracefix_app() -> FastAPI:
     """Build the ASGI app: load tasks, start the sandbox, register every route."""
-    registry = get_registry()
-    sandbox = get_sandbox()
+    try:
+        registry = get_registry()
+        sandbox = get_sandbox()
+    except SandboxUnavailable as exc:
+        log.critical("%s", exc)
+        raise SystemExit(f"tracefix_rl: {exc}") from None
     concurrency = ConcurrencyConfig(
         max_concurrent_envs=int(_env_number("MAX_CONCURRENT_ENVS", DEFAULT_MAX_CONCURRENT_ENVS)),
         session_timeout=_env_number("SESSION_TIMEOUT_S", DEFAULT_SESSION_TIMEOUT_S),

@@ -377,9 +377,9 @@ def test_repeated_runs_earn_nothing(env):
 def test_busy_sandbox_is_reported_without_penalty(registry: TaskRegistry):
     import threading
 
-    from sandbox import EvalRequest, Limits, ProcessSandbox
+    from sandbox import EvalRequest, Limits, ZygotePool
 
-    box = ProcessSandbox(limits=Limits(wall_s=2.0), max_parallel=1, queue_timeout_s=0.1)
+    box = ZygotePool(limits=Limits(wall_s=2.0), workers=1, queue_timeout_s=0.1)
     env = TraceFixEnvironment(registry=registry, sandbox=box)
     env.reset(task_id=TASK)
     hog = threading.Thread(target=box.run, args=(EvalRequest("import time", ("time.sleep(5)",)),))

@@ -125,7 +125,9 @@ def test_info_routes(server):
     assert metadata["name"] == "tracefix_rl" and metadata["version"] == "0.1.0"
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "healthy" and health["tasks"] >= 16
-    assert health["sandbox"]["backend"] == "process" and "rlimits" in health["sandbox"]["layers"]
+    sandbox = health["sandbox"]
+    assert sandbox["backend"] == "zygote" and sandbox["seccomp"] is True
+    assert sandbox["rlimits"] is True and sandbox["workers_alive"] == sandbox["workers"]
     page = httpx.get(f"{server.url}/tasks", params={"difficulty": "hard", "limit": 2}).json()
     assert page["total"] >= 6 and len(page["tasks"]) == 2
     assert {row["difficulty"] for row in page["tasks"]} == {"hard"}

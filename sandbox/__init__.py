@@ -1,0 +1,65 @@
+"""Run untrusted Python code and its tests in isolated processes; return observations.
+
+The sandbox never decides pass or fail: for every test it reports the canonical value of
+the test's last expression, or the name of the exception raised (see ``harness``); the
+judge (``judge.py``, in the server) compares them with expected values that never enter the
+sandbox. The backend is a pool of warm, exec-started zygotes (``pool``) that fork one child
+per evaluation with every layer of ``layers`` applied.
+
+Configuration (environment variables): ``SANDBOX_WORKERS`` (pool size, default the CPU
+count clamped to 2..8), ``SANDBOX_QUEUE_TIMEOUT_S`` (30), ``SANDBOX_MAX_QUEUE`` (1024),
+``SANDBOX_ALLOW_DEGRADED`` (run without seccomp), ``SANDBOX_DISABLE_LANDLOCK``, ``SANDBOX_ROOT``
+and the limits of :meth:`Limits.from_env`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from sandbox.api import (
+    EvalRequest,
+    EvalResult,
+    Limits,
+    SandboxBackend,
+    SandboxBusy,
+    SandboxUnavailable,
+)
+from sandbox.harness import TestTimeout, canonical
+from sandbox.pool import FairSlots, ZygotePool
+
+__all__ = [
+    "EvalRequest", "EvalResult", "FairSlots", "Limits", "SandboxBackend", "SandboxBusy",
+    "SandboxUnavailable", "TestTimeout", "ZygotePool", "canonical", "get_sandbox",
+]  # fmt: skip
+
+_TRUE = ("1", "true", "yes")
+_default: SandboxBackend | None = None
+_default_lock = threading.Lock()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUE
+
+
+def sandbox_from_env() -> ZygotePool:
+    """A new pool configured from the ``SANDBOX_*`` environment variables."""
+    workers = os.environ.get("SANDBOX_WORKERS")
+    return ZygotePool(
+        limits=Limits.from_env(),
+        workers=int(workers) if workers else None,
+        queue_timeout_s=float(os.environ.get("SANDBOX_QUEUE_TIMEOUT_S", "30")),
+        max_queue=int(os.environ.get("SANDBOX_MAX_QUEUE", "1024")),
+        allow_degraded=_flag("SANDBOX_ALLOW_DEGRADED"),
+        landlock=not _flag("SANDBOX_DISABLE_LANDLOCK"),
+        seccomp=not _flag("SANDBOX_DISABLE_SECCOMP"),
+    )
+
+
+def get_sandbox() -> SandboxBackend:
+    """The process-wide sandbox, started on first use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = sandbox_from_env()
+        return _default

@@ -1,0 +1,89 @@
+"""Types shared by every sandbox backend: limits, requests, results, errors, the interface."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits for one evaluation."""
+
+    wall_s: float = 5.0
+    per_test_s: float = 1.0
+    cpu_s: int = 5
+    memory_mb: int = 1024
+    output_bytes: int = 64 * 1024
+    open_files: int = 64
+    result_bytes: int = 1024 * 1024
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        """Read limits from ``SANDBOX_*`` environment variables (defaults above)."""
+        base = cls()
+        return cls(
+            wall_s=float(os.environ.get("SANDBOX_WALL_TIMEOUT_S", base.wall_s)),
+            per_test_s=float(os.environ.get("SANDBOX_TEST_TIMEOUT_S", base.per_test_s)),
+            cpu_s=int(os.environ.get("SANDBOX_CPU_S", base.cpu_s)),
+            memory_mb=int(os.environ.get("SANDBOX_MEMORY_MB", base.memory_mb)),
+            output_bytes=int(os.environ.get("SANDBOX_OUTPUT_BYTES", base.output_bytes)),
+        )
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """Code to load and test snippets to evaluate against it.
+
+    Every test runs in a fresh module namespace: the code is executed, then the snippet;
+    the observation is the value of the snippet's last expression statement.
+    ``labels`` (optional, one per test) are printed to stdout before each test so the
+    captured output can be attributed. ``limits`` defaults to the backend's limits.
+    """
+
+    code: str
+    tests: tuple[str, ...]
+    limits: Limits | None = None
+    labels: tuple[str, ...] = ()
+
+
+@dataclass
+class EvalResult:
+    """What one evaluation produced. Nothing here is a verdict."""
+
+    records: list[dict[str, Any]]
+    malformed_lines: int
+    output: str
+    output_truncated: bool
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    result_overflow: bool
+    duration_ms: float
+
+
+class SandboxBusy(RuntimeError):
+    """No evaluation slot became free in time, or the queue is full."""
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot provide the isolation it is required to (and may not degrade)."""
+
+
+class SandboxBackend(Protocol):
+    """Interface every sandbox backend implements."""
+
+    name: str
+
+    def run(self, request: EvalRequest) -> EvalResult:
+        """Evaluate ``request`` in isolation and return the raw observations."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``/health``: backend name, enforced layers, limits, capacity."""
+        ...
+
+    def close(self) -> None:
+        """Release every resource (processes, working directories)."""
+        ...

@@ -1,0 +1,195 @@
+"""The evaluation harness that runs inside the sandboxed child (standard library only).
+
+For every test, the code is executed into a fresh module namespace, then the test snippet;
+the value of the snippet's last expression is encoded with :func:`canonical` (or the name of
+the exception raised) and written as one JSON line ``{"i": index, "v": value}`` /
+``{"i": index, "e": "TypeName", "m": message, "ln": line}`` to the result pipe. Nothing here
+decides pass or fail: the judge in the server compares the records with expected values that
+never enter this process.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import signal
+import struct
+import sys
+from typing import Any
+
+# Framing between the pool and its zygotes: a 4-byte big-endian length, then JSON.
+FRAME_HEADER = struct.Struct(">I")
+
+# References captured before any agent code runs (monkeypatching json/os later changes nothing).
+_dumps = json.dumps
+_write = os.write
+
+# ---------------------------------------------------------------------------
+# Canonical encoding (runs in the child; the judge compares these structures)
+# ---------------------------------------------------------------------------
+
+CANON_MAX_DEPTH = 50
+CANON_MAX_NODES = 100_000
+_FLOAT_SPECIALS = {"nan", "inf", "-inf"}
+
+
+class _Unserializable(Exception):
+    """Raised while encoding a value that is not exact builtin data."""
+
+
+def canonical(value: Any) -> Any:
+    """Encode ``value`` as type-tagged JSON data, accepting exact builtin types only.
+
+    ``None``, ``bool``, ``int``, ``str`` and finite ``float`` map to JSON scalars
+    (JSON keeps ``1``, ``1.0`` and ``true`` apart); lists map to lists; other
+    containers and special floats become ``{"t": tag, "v": ...}``. Sets and dict items
+    are sorted by their encoded form, so equal values encode identically. Subclasses of
+    builtins and every other object encode as ``{"t": "unserializable", "v": type name}``,
+    which never equals an expected value.
+    """
+    budget = [CANON_MAX_NODES]
+    try:
+        return _canon(value, 0, budget)
+    except _Unserializable as exc:
+        return {"t": "unserializable", "v": str(exc)}
+    except RecursionError:
+        return {"t": "unserializable", "v": "too deep"}
+
+
+def _canon(x: Any, depth: int, budget: list[int]) -> Any:
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise _Unserializable("too large")
+    if depth > CANON_MAX_DEPTH:
+        raise _Unserializable("too deep")
+    t = type(x)
+    if x is None or t is bool or t is int or t is str:
+        return x
+    if t is float:
+        if x != x:
+            return {"t": "float", "v": "nan"}
+        if x in (float("inf"), float("-inf")):
+            return {"t": "float", "v": "inf" if x > 0 else "-inf"}
+        return x
+    if t is list:
+        return [_canon(item, depth + 1, budget) for item in x]
+    if t is tuple:
+        return {"t": "tuple", "v": [_canon(item, depth + 1, budget) for item in x]}
+    if t is set or t is frozenset:
+        items = [_canon(item, depth + 1, budget) for item in x]
+        items.sort(key=_sort_key)
+        return {"t": t.__name__, "v": items}
+    if t is dict:
+        pairs = [[_canon(k, depth + 1, budget), _canon(v, depth + 1, budget)] for k, v in x.items()]
+        pairs.sort(key=lambda kv: _sort_key(kv[0]))
+        return {"t": "dict", "v": pairs}
+    if t is bytes:
+        return {"t": "bytes", "v": x.hex()}
+    raise _Unserializable(t.__name__)
+
+
+def _sort_key(encoded: Any) -> str:
+    return json.dumps(encoded, sort_keys=True, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------------------
+# The child harness (runs in the sandboxed process; trusts nothing after exec)
+# ---------------------------------------------------------------------------
+
+SOLUTION_FILENAME = "<solution>"
+TEST_FILENAME = "<test>"
+MESSAGE_CHARS = 300
+
+
+class TestTimeout(BaseException):
+    """Raised in the child when one test exceeds its time budget."""
+
+
+def _compile_test(source: str) -> tuple[Any, Any]:
+    """Split a snippet into (statements, final expression or None) code objects."""
+    import ast
+
+    tree = ast.parse(source, TEST_FILENAME, "exec")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)
+    body = compile(tree, TEST_FILENAME, "exec")
+    expr = compile(last, TEST_FILENAME, "eval") if last is not None else None
+    return body, expr
+
+
+def _solution_line(tb: Any) -> int | None:
+    line = None
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == SOLUTION_FILENAME:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return line
+
+
+def run_tests(request: dict[str, Any], fd: int) -> None:
+    """Evaluate ``request`` (code, tests, labels, limits) and stream records to ``fd``.
+
+    Runs in the sandboxed child after every layer is in place; never returns.
+    """
+    write = _write
+    dumps = _dumps
+    limits = request["limits"]
+
+    def emit(record: dict[str, Any]) -> None:
+        data = (dumps(record, separators=(",", ":")) + "\n").encode()
+        while data:
+            data = data[write(fd, data) :]
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise TestTimeout(f"test exceeded {limits['per_test_s']}s")
+
+    signal.signal(signal.SIGALRM, on_alarm)
+    per_test = float(limits["per_test_s"])
+    labels = request.get("labels") or []
+    try:
+        code = compile(request["code"], SOLUTION_FILENAME, "exec")
+        code_error = None
+    except (SyntaxError, ValueError) as exc:
+        code, code_error = None, exc
+    for index, source in enumerate(request["tests"]):
+        if labels:
+            try:
+                print(f"--- {labels[index]} ---", flush=True)
+            except BaseException:  # noqa: BLE001 - output limit reached; keep testing
+                pass
+        record: dict[str, Any] = {"i": index}
+        try:
+            signal.setitimer(signal.ITIMER_REAL, per_test)
+            try:
+                if code_error is not None:
+                    raise code_error
+                body, expr = _compile_test(source)
+                namespace: dict[str, Any] = {"__name__": "solution", "__builtins__": builtins}
+                exec(code, namespace)
+                exec(body, namespace)
+                value = eval(expr, namespace) if expr is not None else None
+                record["v"] = canonical(value)
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except BaseException as exc:  # noqa: BLE001 - every failure is an observation
+            record.pop("v", None)
+            record["e"] = type(exc).__name__
+            try:
+                record["m"] = str(exc)[:MESSAGE_CHARS]
+            except BaseException:  # noqa: BLE001
+                record["m"] = ""
+            if isinstance(exc, SyntaxError) and exc.filename == SOLUTION_FILENAME:
+                record["ln"] = exc.lineno
+            else:
+                line = _solution_line(exc.__traceback__)
+                if line is not None:
+                    record["ln"] = line
+        emit(record)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: BLE001
+            pass
+    os._exit(0)

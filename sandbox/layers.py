@@ -1,0 +1,314 @@
+"""Isolation layers applied inside each sandboxed child (standard library + ctypes only).
+
+* rlimits: CPU, address space, file size (also caps captured output), open files, no core;
+* ``no_new_privs`` and non-dumpable processes (``prctl``);
+* a seccomp-BPF deny list (x86_64): process creation, exec, sockets, ptrace and cross-process
+  memory access, io_uring, namespaces and mounts, signals to other processes, raising limits,
+  identity changes and other privileged calls; any syscall of a foreign architecture (32-bit
+  ``int 0x80``, x32) kills the process;
+* Landlock (when the kernel offers it): read-only system and stdlib paths, read-write workdir,
+  no TCP bind/connect (ABI >= 4), scoped signals and abstract unix sockets (ABI >= 6);
+* dropping root to an unprivileged uid.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import resource
+import struct
+import sys
+import sysconfig
+from typing import Any
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.prctl.restype = ctypes.c_int
+
+PR_SET_DUMPABLE = 4
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_RET_KILL_PROCESS = 0x80000000
+SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_ALLOW = 0x7FFF0000
+AUDIT_ARCH_X86_64 = 0xC000003E
+X32_SYSCALL_BIT = 0x40000000
+CLONE_THREAD = 0x00010000
+
+# x86_64 syscall numbers (from asm/unistd_64.h; tests/test_layers.py re-checks them).
+SYSCALLS_X86_64 = {
+    "fork": 57, "vfork": 58, "clone": 56, "clone3": 435, "execve": 59, "execveat": 322,
+    "socket": 41, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311,
+    "kcmp": 312, "pidfd_open": 434, "pidfd_send_signal": 424, "pidfd_getfd": 438,
+    "kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129,
+    "rt_tgsigqueueinfo": 297, "setsid": 112, "setpgid": 109, "unshare": 272, "setns": 308,
+    "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "fsopen": 430,
+    "fsconfig": 431, "fsmount": 432, "fspick": 433, "open_tree": 428, "move_mount": 429,
+    "mount_setattr": 442, "bpf": 321, "perf_event_open": 298, "userfaultfd": 323,
+    "keyctl": 250, "add_key": 248, "request_key": 249, "io_uring_setup": 425,
+    "io_uring_enter": 426, "io_uring_register": 427, "personality": 135, "mknod": 133,
+    "mknodat": 259, "name_to_handle_at": 303, "open_by_handle_at": 304, "quotactl": 179,
+    "syslog": 103, "reboot": 169, "init_module": 175, "finit_module": 313,
+    "delete_module": 176, "kexec_load": 246, "kexec_file_load": 320, "acct": 163,
+    "swapon": 167, "swapoff": 168, "setrlimit": 160, "prlimit64": 302, "setuid": 105,
+    "setgid": 106, "setreuid": 113, "setregid": 114, "setresuid": 117, "setresgid": 119,
+    "setgroups": 116, "capset": 126, "landlock_create_ruleset": 444,
+    "landlock_add_rule": 445, "landlock_restrict_self": 446, "seccomp": 317,
+}  # fmt: skip
+# Denied outright with EPERM (the agent sees an ordinary PermissionError).
+DENIED_SYSCALLS = (
+    "fork", "vfork", "execve", "execveat", "socket", "ptrace", "process_vm_readv",
+    "process_vm_writev", "kcmp", "pidfd_open", "pidfd_send_signal", "pidfd_getfd", "tkill",
+    "rt_sigqueueinfo", "setsid", "setpgid", "unshare", "setns", "mount", "umount2",
+    "pivot_root", "chroot", "fsopen", "fsconfig", "fsmount", "fspick", "open_tree",
+    "move_mount", "mount_setattr", "bpf", "perf_event_open", "userfaultfd", "keyctl",
+    "add_key", "request_key", "io_uring_setup", "io_uring_enter", "io_uring_register",
+    "personality", "mknod", "mknodat", "name_to_handle_at", "open_by_handle_at", "quotactl",
+    "syslog", "reboot", "init_module", "finit_module", "delete_module", "kexec_load",
+    "kexec_file_load", "acct", "swapon", "swapoff", "setrlimit", "setuid", "setgid",
+    "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "capset",
+)  # fmt: skip
+# Allowed only when the first argument is the calling process itself.
+SELF_SIGNAL_SYSCALLS = ("kill", "tgkill", "rt_tgsigqueueinfo")
+
+# Landlock (include/uapi/linux/landlock.h)
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+FS_EXECUTE, FS_WRITE_FILE, FS_READ_FILE, FS_READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+FS_RIGHTS_BY_ABI = {1: (1 << 13) - 1, 2: (1 << 14) - 1, 3: (1 << 15) - 1, 5: (1 << 16) - 1}
+NET_BIND_TCP, NET_CONNECT_TCP = 1 << 0, 1 << 1
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
+O_PATH = getattr(os, "O_PATH", 0o10000000)
+
+UNPRIVILEGED_UID = 65534  # nobody
+
+
+# -- prctl ------------------------------------------------------------------------------------
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def set_dumpable(enabled: bool) -> None:
+    """Mark this process (non-)dumpable: a non-dumpable process's /proc files are root-only."""
+    _check(_libc.prctl(PR_SET_DUMPABLE, int(enabled), 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def set_no_new_privs() -> None:
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+# -- rlimits ------------------------------------------------------------------------------------
+
+
+def apply_rlimits(limits: dict[str, Any]) -> None:
+    """Lower CPU, address space, file size, open files and core limits (soft = hard)."""
+    cpu = int(limits["cpu_s"])
+    memory = int(limits["memory_mb"]) * 1024 * 1024
+    for res, value in (
+        (resource.RLIMIT_CPU, (cpu, cpu + 1)),
+        (resource.RLIMIT_AS, (memory, memory)),
+        (resource.RLIMIT_FSIZE, (int(limits["output_bytes"]),) * 2),
+        (resource.RLIMIT_NOFILE, (int(limits["open_files"]),) * 2),
+        (resource.RLIMIT_CORE, (0, 0)),
+    ):
+        resource.setrlimit(res, value)
+
+
+# -- uid drop -----------------------------------------------------------------------------------
+
+
+def drop_root(uid: int = UNPRIVILEGED_UID) -> None:
+    """Switch from root to ``uid`` (and the same gid, no supplementary groups)."""
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+
+
+# -- seccomp ------------------------------------------------------------------------------------
+
+_LD_ABS_W = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_JGE_K = 0x35  # BPF_JMP | BPF_JGE | BPF_K
+_JSET_K = 0x45  # BPF_JMP | BPF_JSET | BPF_K
+_RET_K = 0x06  # BPF_RET | BPF_K
+_NR, _ARCH = 0, 4
+
+
+def _arg(index: int, high: bool = False) -> int:
+    """Offset of syscall argument ``index`` (low or high 32 bits) in ``seccomp_data``."""
+    return 16 + 8 * index + (4 if high else 0)
+
+
+class _Program:
+    """A tiny BPF assembler with forward labels."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[int, Any, Any, int]] = []
+        self.labels: dict[str, int] = {}
+
+    def label(self, name: str) -> None:
+        self.labels[name] = len(self.ops)
+
+    def load(self, offset: int) -> None:
+        self.ops.append((_LD_ABS_W, 0, 0, offset))
+
+    def jump(self, code: int, k: int, true: str | int = 0, false: str | int = 0) -> None:
+        self.ops.append((code, true, false, k))
+
+    def ret(self, value: int) -> None:
+        self.ops.append((_RET_K, 0, 0, value))
+
+    def assemble(self) -> bytes:
+        out = bytearray()
+        for position, (code, true, false, k) in enumerate(self.ops):
+            offsets = []
+            for target in (true, false):
+                if isinstance(target, str):
+                    target = self.labels[target] - position - 1
+                if not 0 <= target <= 255:
+                    raise ValueError("BPF jump out of range")
+                offsets.append(target)
+            out += struct.pack("=HBBI", code, offsets[0], offsets[1], k & 0xFFFFFFFF)
+        return bytes(out)
+
+
+def seccomp_program(own_pid: int) -> bytes:
+    """The deny-list filter for x86_64 as raw BPF (see the module docstring)."""
+    numbers = SYSCALLS_X86_64
+    p = _Program()
+    p.load(_ARCH)
+    p.jump(_JEQ_K, AUDIT_ARCH_X86_64, 0, "kill")
+    p.load(_NR)
+    p.jump(_JGE_K, X32_SYSCALL_BIT, "kill", 0)
+    p.jump(_JEQ_K, numbers["clone"], "clone", 0)
+    p.jump(_JEQ_K, numbers["clone3"], "enosys", 0)
+    p.jump(_JEQ_K, numbers["prlimit64"], "prlimit", 0)
+    for name in SELF_SIGNAL_SYSCALLS:
+        p.jump(_JEQ_K, numbers[name], "self_only", 0)
+    for name in DENIED_SYSCALLS:
+        p.jump(_JEQ_K, numbers[name], "eperm", 0)
+    p.ret(SECCOMP_RET_ALLOW)
+    p.label("clone")  # threads (CLONE_THREAD) only
+    p.load(_arg(0))
+    p.jump(_JSET_K, CLONE_THREAD, "allow", "eperm")
+    p.label("prlimit")  # reading limits only: new_limit must be NULL
+    p.load(_arg(2))
+    p.jump(_JEQ_K, 0, 0, "eperm")
+    p.load(_arg(2, high=True))
+    p.jump(_JEQ_K, 0, "allow", "eperm")
+    p.label("self_only")  # signals to this process only
+    p.load(_arg(0))
+    p.jump(_JEQ_K, own_pid, 0, "eperm")
+    p.load(_arg(0, high=True))
+    p.jump(_JEQ_K, 0, "allow", "eperm")
+    p.label("allow")
+    p.ret(SECCOMP_RET_ALLOW)
+    p.label("eperm")
+    p.ret(SECCOMP_RET_ERRNO | errno.EPERM)
+    p.label("enosys")
+    p.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
+    p.label("kill")
+    p.ret(SECCOMP_RET_KILL_PROCESS)
+    return p.assemble()
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def seccomp_supported() -> bool:
+    """The raw filter is written for x86_64 Linux."""
+    return sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
+
+
+def apply_seccomp() -> None:
+    """Install the filter on this process (requires ``no_new_privs``)."""
+    if not seccomp_supported():
+        raise OSError(errno.ENOSYS, f"seccomp filter not available on {platform.machine()}")
+    program = seccomp_program(os.getpid())
+    buffer = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+    _check(
+        _libc.syscall(SYSCALLS_X86_64["seccomp"], SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog)),
+        "seccomp(SET_MODE_FILTER)",
+    )
+
+
+# -- Landlock -----------------------------------------------------------------------------------
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version, or 0 when Landlock is unavailable."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return 0
+    result = _libc.syscall(
+        SYSCALLS_X86_64["landlock_create_ruleset"], None, 0, LANDLOCK_CREATE_RULESET_VERSION
+    )
+    return max(int(result), 0)
+
+
+def _fs_rights(abi: int) -> int:
+    return FS_RIGHTS_BY_ABI[max(k for k in FS_RIGHTS_BY_ABI if k <= abi)]
+
+
+def read_only_paths() -> list[str]:
+    """System libraries and the interpreter's standard library (never the app directory)."""
+    paths = ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/localtime",
+             "/dev/urandom"]  # fmt: skip
+    for key in ("stdlib", "platstdlib"):
+        paths.append(sysconfig.get_paths()[key])
+    paths.append(os.path.join(sysconfig.get_paths()["stdlib"], "lib-dynload"))
+    return sorted({p for p in paths if os.path.exists(p)})
+
+
+def open_read_only(paths: list[str]) -> list[tuple[int, bool]]:
+    """Open ``paths`` as O_PATH descriptors (before any uid drop) for :func:`apply_landlock`."""
+    return [(os.open(path, O_PATH | os.O_CLOEXEC), os.path.isdir(path)) for path in paths]
+
+
+def apply_landlock(abi: int, workdir: str, read_only: list[tuple[int, bool]]) -> None:
+    """Restrict this process to reading ``read_only`` and writing beneath ``workdir``.
+
+    ``read_only`` holds (O_PATH fd, is_dir) pairs from :func:`open_read_only`.
+    """
+    handled_fs = _fs_rights(abi)
+    handled_net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
+    scoped = SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL if abi >= 6 else 0
+    attr = struct.pack("=QQQ", handled_fs, handled_net, scoped)
+    size = 8 if abi < 4 else 16 if abi < 6 else 24
+    ruleset = _check(
+        _libc.syscall(SYSCALLS_X86_64["landlock_create_ruleset"], attr[:size], size, 0),
+        "landlock_create_ruleset",
+    )
+    own: list[int] = []
+    try:
+        file_rights = FS_EXECUTE | FS_READ_FILE | FS_WRITE_FILE | (1 << 14)
+        read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
+        rules = [(fd, read if is_dir else read & file_rights) for fd, is_dir in read_only]
+        for path, rights in ((workdir, handled_fs), ("/dev/null", FS_READ_FILE | FS_WRITE_FILE)):
+            own.append(os.open(path, O_PATH | os.O_CLOEXEC))
+            rules.append((own[-1], rights))
+        for fd, rights in rules:
+            rule = struct.pack("=Qi", rights & handled_fs, fd)
+            _check(
+                _libc.syscall(
+                    SYSCALLS_X86_64["landlock_add_rule"], ruleset, LANDLOCK_RULE_PATH_BENEATH,
+                    rule, 0,
+                ),
+                "landlock_add_rule",
+            )  # fmt: skip
+        _check(
+            _libc.syscall(SYSCALLS_X86_64["landlock_restrict_self"], ruleset, 0),
+            "landlock_restrict_self",
+        )
+    finally:
+        for fd in own:
+            os.close(fd)
+        os.close(ruleset)

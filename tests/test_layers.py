@@ -1,0 +1,78 @@
+"""The isolation layers themselves: syscall table, BPF program, probe and degrade policy."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from sandbox import SandboxUnavailable, ZygotePool, layers
+
+UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+
+
+@pytest.mark.skipif(not UNISTD.exists(), reason="kernel headers not installed")
+def test_syscall_numbers_match_the_kernel_header():
+    defined = dict(re.findall(r"#define __NR_(\w+) (\d+)", UNISTD.read_text()))
+    for name, number in layers.SYSCALLS_X86_64.items():
+        assert int(defined[name]) == number, name
+
+
+def test_every_denied_syscall_is_known():
+    table = layers.SYSCALLS_X86_64
+    assert set(layers.DENIED_SYSCALLS) | set(layers.SELF_SIGNAL_SYSCALLS) <= set(table)
+    for needed in (
+        "fork",
+        "vfork",
+        "execve",
+        "socket",
+        "ptrace",
+        "io_uring_setup",
+        "unshare",
+        "setrlimit",
+        "setsid",
+    ):
+        assert needed in layers.DENIED_SYSCALLS
+
+
+def test_bpf_program_checks_the_architecture_first():
+    program = layers.seccomp_program(1234)
+    assert len(program) % 8 == 0
+    first = program[:8]
+    assert first[:2] == (0x20).to_bytes(2, "little") and first[4:] == (4).to_bytes(4, "little")
+    second_k = int.from_bytes(program[12:16], "little")
+    assert second_k == layers.AUDIT_ARCH_X86_64
+
+
+def test_pool_reports_enforced_layers():
+    pool = ZygotePool(workers=1)
+    try:
+        facts = pool.describe()
+        assert facts["seccomp"] is True and facts["rlimits"] is True
+        assert facts["non_dumpable"] is True
+        assert facts["landlock_abi"] == layers.landlock_abi()
+        import os
+
+        assert facts["uid_drop"] is (os.geteuid() == 0)
+    finally:
+        pool.close()
+
+
+def test_refuses_to_start_without_seccomp_unless_allowed():
+    with pytest.raises(SandboxUnavailable, match="SANDBOX_ALLOW_DEGRADED=1"):
+        ZygotePool(workers=1, seccomp=False)
+    pool = ZygotePool(workers=1, seccomp=False, allow_degraded=True)
+    try:
+        assert pool.describe()["seccomp"] is False and "seccomp" in pool.describe()["degraded"]
+    finally:
+        pool.close()
+
+
+def test_landlock_can_be_forced_off():
+    pool = ZygotePool(workers=1, landlock=False)
+    try:
+        facts = pool.describe()
+        assert facts["landlock_abi"] == 0 and facts["degraded"] == ["landlock"]
+    finally:
+        pool.close()
