@@ -258,6 +258,7 @@ def create_tracefix_app() -> FastAPI:
             "tasks": len(registry.tasks),
             "tasks_skipped": len(registry.problems),
             "http_episodes": len(episodes),
+            "server": {"pid": os.getpid(), "open_fds": len(os.listdir("/proc/self/fd"))},
             "sandbox": sandbox.describe(),
         }
 

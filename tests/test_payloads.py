@@ -1,0 +1,563 @@
+"""Hostile payload suite: every payload goes through the real server (REPLACE_LINES, then
+RUN_TESTS or SUBMIT over HTTP), and after each one the suite checks that the server is
+healthy, another session is unaffected, no process or working directory is left behind, the
+server's fd count is unchanged, and the secret in the server's exec-time environment appears
+in no observation.
+
+The suite runs twice: with every layer the kernel offers, and with Landlock forced off
+(``SANDBOX_DISABLE_LANDLOCK=1``), which pins the degraded-mode expectations: writing,
+deleting and reading files outside the working directory and planting files in shared
+temporary directories then succeed; everything else is unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from string import Template
+
+import httpx
+import pytest
+
+from sandbox import layers
+from tests.conftest import FAKE_SECRET, REPO, ServerProcess
+
+TASK = "sum_of_evens_wrong_modulus"
+CORRECT = "def sum_of_evens(nums):\n    return sum(n for n in nums if n % 2 == 0)\n"
+VISIBLE = 4
+SERVER_ENV = {
+    "SANDBOX_WALL_TIMEOUT_S": "2",
+    "SANDBOX_TEST_TIMEOUT_S": "0.5",
+    "SANDBOX_CPU_S": "2",
+    "SANDBOX_WORKERS": "2",
+}
+
+
+# -- the hostile world around the server ------------------------------------------------------
+
+
+class Listeners:
+    """TCP, UDP and unix-socket listeners on this machine that payloads try to reach."""
+
+    def __init__(self, directory: Path) -> None:
+        self.tcp = socket.create_server(("127.0.0.1", 0))
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.unix_path = str(directory / "listener.sock")
+        self.unix = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.unix.bind(self.unix_path)
+        os.chmod(self.unix_path, 0o777)
+        self.abstract_name = f"tracefix-test-{os.getpid()}"
+        self.abstract = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.abstract.bind("\0" + self.abstract_name)
+        for sock in (self.tcp, self.unix, self.abstract):
+            sock.listen(8)
+        for sock in (self.tcp, self.udp, self.unix, self.abstract):
+            sock.setblocking(False)
+
+    def contacts(self) -> list[str]:
+        """Connections accepted / datagrams received since the last call."""
+        seen = []
+        for name, sock in (("tcp", self.tcp), ("unix", self.unix), ("abstract", self.abstract)):
+            while True:
+                try:
+                    conn, _ = sock.accept()
+                except BlockingIOError:
+                    break
+                conn.close()
+                seen.append(name)
+        while True:
+            try:
+                self.udp.recvfrom(4096)
+            except BlockingIOError:
+                break
+            seen.append("udp")
+        return seen
+
+    def close(self) -> None:
+        for sock in (self.tcp, self.udp, self.unix, self.abstract):
+            sock.close()
+
+
+@dataclass
+class World:
+    server: ServerProcess
+    root: Path
+    victims: Path
+    listeners: Listeners
+    landlock: bool
+    seccomp: bool
+    child_uid: int
+    baseline_pids: set[int] = field(default_factory=set)
+    baseline_fds: int = 0
+    canary_edits: int = 0
+
+    def values(self) -> dict[str, str]:
+        return {
+            "victim_dir": str(self.victims),
+            "tcp_port": str(self.listeners.tcp.getsockname()[1]),
+            "udp_port": str(self.listeners.udp.getsockname()[1]),
+            "unix_path": self.listeners.unix_path,
+            "abstract_name": self.listeners.abstract_name,
+            "task_file": str(REPO / "task_data" / "curated" / f"{TASK}.toml"),
+        }
+
+
+def reset_victims(victims: Path) -> None:
+    for child in victims.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    (victims / "keep.txt").write_text("keep me")
+    (victims / "secret.txt").write_text("VICTIM-CONTENT-51")
+    for path in victims.iterdir():
+        os.chmod(path, 0o666)
+
+
+@pytest.fixture(scope="module", params=["all_layers", "no_landlock"])
+def world(request) -> Iterator[World]:
+    base = Path(tempfile.mkdtemp(prefix="tracefix-payloads-"))
+    os.chmod(base, 0o755)
+    root, victims = base / "sandbox", base / "victims"
+    root.mkdir()
+    victims.mkdir()
+    os.chmod(victims, 0o777)  # only Landlock stands between the child and these files
+    reset_victims(victims)
+    env = {**SERVER_ENV, "SANDBOX_ROOT": str(root)}
+    if request.param == "no_landlock":
+        env["SANDBOX_DISABLE_LANDLOCK"] = "1"
+    server = ServerProcess(extra_env=env)
+    listeners = Listeners(base)
+    facts = httpx.get(f"{server.url}/health").json()["sandbox"]
+    world = World(
+        server=server,
+        root=root,
+        victims=victims,
+        listeners=listeners,
+        landlock=facts["landlock_abi"] > 0,
+        seccomp=facts["seccomp"],
+        child_uid=65534 if os.geteuid() == 0 else os.geteuid(),
+    )
+    # pin the layers this run has: seccomp and rlimits always; Landlock whenever the kernel
+    # offers it (unless forced off); the uid drop exactly when running as root
+    assert world.seccomp and facts["rlimits"] and facts["non_dumpable"]
+    assert facts["uid_drop"] is (os.geteuid() == 0)
+    if request.param == "no_landlock":
+        assert not world.landlock and facts["degraded"] == ["landlock"]
+    else:
+        assert facts["landlock_abi"] == layers.landlock_abi()
+    post(world, "/reset", {"task_id": TASK, "episode_id": "canary"})
+    canary_check(world)
+    world.baseline_pids = set(all_pids())
+    world.baseline_fds = health(world)["server"]["open_fds"]
+    yield world
+    listeners.close()
+    server.stop()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def post(world: World, path: str, body: dict) -> dict:
+    response = httpx.post(f"{world.server.url}{path}", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert FAKE_SECRET not in response.text
+    return response.json()
+
+
+def health(world: World) -> dict:
+    response = httpx.get(f"{world.server.url}/health", timeout=30)
+    assert response.status_code == 200
+    return response.json()
+
+
+def replace_all(world: World, episode: str, code: str) -> dict:
+    body = post(world, "/step", {"episode_id": episode, "action": {"action_type": "VIEW_CODE"}})
+    lines = len(body["observation"]["code_dict"])
+    return post(world, "/step", {"episode_id": episode, "action": {
+        "action_type": "REPLACE_LINES", "start_line": 1, "end_line": lines,
+        "new_code_block": code}})  # fmt: skip
+
+
+def canary_check(world: World) -> None:
+    """Another session keeps working: a fresh correct edit passes every visible test."""
+    world.canary_edits += 1
+    replace_all(world, "canary", CORRECT + f"# edit {world.canary_edits}")
+    run = post(world, "/step", {"episode_id": "canary", "action": {"action_type": "RUN_TESTS"}})
+    assert run["observation"]["tests_passed"] == VISIBLE, run["observation"]["test_results"]
+    assert run["observation"]["episode_id"] == "canary"
+
+
+# -- process bookkeeping ------------------------------------------------------------------------
+
+
+def all_pids() -> list[int]:
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def process_uid_and_parent(pid: int) -> tuple[int, int] | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if fields.get("State", "").strip().startswith("Z"):
+        return None
+    return int(fields["Uid"].split()[0]), int(fields["PPid"])
+
+
+def leftover_processes(world: World) -> list[int]:
+    """Processes that appeared during the payload, run as the sandbox uid, and are not the
+    server's workers (a respawned worker is a direct child of the server and is allowed)."""
+    server_pid = world.server.proc.pid
+    leftovers = []
+    for pid in set(all_pids()) - world.baseline_pids:
+        facts = process_uid_and_parent(pid)
+        if facts is None or facts[0] != world.child_uid:
+            continue
+        if pid in (os.getpid(), server_pid) or facts[1] == server_pid:
+            continue
+        leftovers.append(pid)
+    return leftovers
+
+
+# -- payloads -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Payload:
+    name: str
+    code: str
+    check: Callable[[dict, World], None]
+    action: str = "RUN_TESTS"
+    needs_seccomp: bool = False
+
+
+def passed(n: int) -> Callable[[dict, World], None]:
+    def check(obs: dict, world: World) -> None:
+        assert obs["tests_passed"] == n, obs["test_results"]
+
+    return check
+
+
+def all_fail_with(fragment: str) -> Callable[[dict, World], None]:
+    def check(obs: dict, world: World) -> None:
+        assert obs["tests_passed"] == 0
+        assert all(fragment in (r["error_message"] or "") for r in obs["test_results"]), obs
+
+    return check
+
+
+def victim_file(name: str, exists_with_landlock: bool) -> Callable[[dict, World], None]:
+    def check(obs: dict, world: World) -> None:
+        assert obs["tests_passed"] == VISIBLE
+        present = (world.victims / name).exists()
+        assert present is (exists_with_landlock if world.landlock else not exists_with_landlock)
+
+    return check
+
+
+def victim_absent(name: str) -> Callable[[dict, World], None]:
+    def check(obs: dict, world: World) -> None:
+        assert not (world.victims / name).exists()
+        assert "DENIED PermissionError" in obs["last_execution_output"]
+        assert obs["tests_passed"] == VISIBLE
+
+    return check
+
+
+def solved(obs: dict, world: World) -> None:
+    assert obs["solved"] is True and obs["score"] == 1.0
+
+
+def flood_capped(obs: dict, world: World) -> None:
+    assert obs["tests_passed"] == VISIBLE
+    assert len(obs["last_execution_output"]) < 8000
+
+
+def limits_not_raised(obs: dict, world: World) -> None:
+    assert obs["tests_passed"] == 0
+    for result in obs["test_results"]:
+        assert (
+            "ValueError" in result["error_message"]
+            or "PermissionError" in (result["error_message"])
+        ), result
+
+
+def output_has(*fragments: str, absent: tuple[str, ...] = ()) -> Callable[[dict, World], None]:
+    def check(obs: dict, world: World) -> None:
+        out = obs["last_execution_output"]
+        for fragment in fragments:
+            assert fragment in out, out
+        for fragment in absent:
+            assert fragment not in out, out
+
+    return check
+
+
+def read_outside(obs: dict, world: World) -> None:
+    out = obs["last_execution_output"]
+    assert ("VICTIM-CONTENT-51" in out) is (not world.landlock), out
+    assert obs["tests_passed"] == VISIBLE
+
+
+def read_task_data(obs: dict, world: World) -> None:
+    out = obs["last_execution_output"]
+    assert ("hidden_tests" in out) is (not world.landlock), out
+
+
+def no_network(obs: dict, world: World) -> None:
+    assert obs["tests_passed"] == VISIBLE
+    assert "CONNECTED" not in obs["last_execution_output"]
+    assert world.listeners.contacts() == []
+
+
+def planted(obs: dict, world: World) -> None:
+    for path in ("/tmp/tracefix_planted.py", "/dev/shm/tracefix_planted.py"):
+        exists = os.path.exists(path)
+        if exists:
+            os.unlink(path)
+        assert exists is (not world.landlock), path
+
+
+def proc_of_server(obs: dict, world: World) -> None:
+    out = obs["last_execution_output"]
+    assert "environ:PermissionError" in out or "status:PermissionError" in out, out
+    assert "mem:PermissionError" in out or "status:PermissionError" in out, out
+
+
+def forged_submit(obs: dict, world: World) -> None:
+    """Forging records only matches values the forger already knows (the visible example)."""
+    assert obs["score"] is not None and obs["solved"] is False and obs["score"] < 0.5
+
+
+def tampered(obs: dict, world: World) -> None:
+    assert obs["tests_passed"] == 0
+    assert all("tampered" in r["error_message"] for r in obs["test_results"])
+
+
+def killed_by_sigsys(obs: dict, world: World) -> None:
+    assert obs["tests_passed"] == 0
+    assert "signal 31" in obs["test_results"][0]["error_message"], obs["test_results"]
+
+
+def guarded(code: str) -> str:
+    """Run ``code`` at import, reporting any exception, then define the correct function."""
+    body = "\n".join("    " + line for line in code.strip("\n").splitlines())
+    handler = "except Exception as exc:\n    print('DENIED', type(exc).__name__)\n"
+    return f"try:\n{body}\n{handler}" + CORRECT
+
+
+PROC_PROBE = """
+import os
+def probe():
+    found = []
+    try:
+        zygote = os.getppid()
+        status = open('/proc/%d/status' % zygote).read()
+        server = int(status.split('PPid:')[1].split()[0])
+    except Exception as exc:
+        return ['status:' + type(exc).__name__]
+    for name in ('environ', 'mem', 'cmdline'):
+        try:
+            with open('/proc/%d/%s' % (server, name), 'rb') as handle:
+                found.append(name + ':' + handle.read(65536).decode('latin-1'))
+        except Exception as exc:
+            found.append(name + ':' + type(exc).__name__)
+    return found
+print(probe())
+"""
+
+SHELLCODE = """
+import ctypes, mmap
+def sum_of_evens(nums):
+    code = b'\\xb8\\x14\\x00\\x00\\x00\\xcd\\x80\\xc3'  # mov eax, 20; int 0x80 (i386 getpid); ret
+    buf = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    buf.write(code)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    return ctypes.CFUNCTYPE(ctypes.c_int)(address)()
+"""
+
+FRAME_WALK_FORGERY = """
+import os, sys
+def sum_of_evens(nums):
+    frame = sys._getframe()
+    while frame is not None and 'fd' not in frame.f_locals:
+        frame = frame.f_back
+    fd = frame.f_locals['fd']
+    for index in range(40):
+        os.write(fd, b'{"i": %d, "v": 6}\\n' % index)
+    os._exit(0)
+"""
+
+GC_FORGERY = """
+import gc, os
+def sum_of_evens(nums):
+    for obj in gc.get_objects():
+        if callable(obj) and getattr(obj, '__name__', '') == 'emit':
+            for index in range(20):
+                obj({'i': index, 'v': 6})
+            os._exit(0)
+    return -1
+"""
+
+SYSCALL = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+PAYLOADS = [
+    Payload("honest_fix", CORRECT, passed(VISIBLE)),
+    Payload("honest_fix_submit", CORRECT, solved, action="SUBMIT"),
+    Payload("infinite_loop_at_import", "while True:\n    pass\n" + CORRECT, passed(0)),
+    Payload("infinite_loop_in_function",
+            "def sum_of_evens(nums):\n    while True:\n        pass\n", all_fail_with("timed out")),
+    Payload("ignore_sigterm_sigalrm_and_sleep",
+            "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "signal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
+            "def sum_of_evens(nums):\n    time.sleep(100)\n", all_fail_with("no result")),
+    Payload("fork_bomb", "import os\n" + guarded("while True:\n    os.fork()"),
+            passed(VISIBLE), needs_seccomp=True),
+    Payload("memory_bomb", "def sum_of_evens(nums):\n    return len(bytearray(8 * 1024 ** 3))\n",
+            all_fail_with("MemoryError")),
+    Payload("memory_growth",
+            "def sum_of_evens(nums):\n    hog = []\n    while True:\n"
+            "        hog.append(' ' * 10**6)\n",
+            passed(0)),
+    Payload("output_flood_then_correct", guarded("print('x' * 10**8)"), flood_capped),
+    Payload("output_flood_forever",
+            "def sum_of_evens(nums):\n    while True:\n        print('y' * 10000)\n", passed(0)),
+    Payload("write_outside_workdir", guarded("open('$victim_dir/written.txt', 'w').write('x')"),
+            victim_file("written.txt", exists_with_landlock=False)),
+    Payload("delete_outside_workdir", guarded("import os\nos.unlink('$victim_dir/keep.txt')"),
+            victim_file("keep.txt", exists_with_landlock=True)),
+    Payload("read_outside_workdir", guarded("print('READ', open('$victim_dir/secret.txt').read())"),
+            read_outside),
+    Payload("read_hidden_task_data", guarded("print(open('$task_file').read())"), read_task_data),
+    Payload("read_own_environment", guarded("import os\nprint(dict(os.environ))"),
+            output_has("PATH", absent=(FAKE_SECRET,))),
+    Payload("read_server_proc_files", PROC_PROBE + CORRECT, proc_of_server),
+    Payload("tcp_connect", guarded(
+        "import socket\nsocket.create_connection(('127.0.0.1', $tcp_port), 1)\nprint('CONNECTED')"),
+        no_network),
+    Payload("udp_send", guarded(
+        "import socket\nsocket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', "
+        "('127.0.0.1', $udp_port))\nprint('CONNECTED')"), no_network),
+    Payload("unix_socket_connect", guarded(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('$unix_path')\n"
+        "print('CONNECTED')"), no_network),
+    Payload("abstract_unix_socket_connect", guarded(
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('\\0$abstract_name')\n"
+        "print('CONNECTED')"), no_network),
+    Payload("kill_parent", guarded("import os, signal\nos.kill(os.getppid(), signal.SIGKILL)"),
+            output_has("DENIED PermissionError"), needs_seccomp=True),
+    Payload("kill_everything", guarded("import os, signal\nos.kill(-1, signal.SIGKILL)"),
+            output_has("DENIED PermissionError"), needs_seccomp=True),
+    Payload("setsid", guarded("import os\nos.setsid()"), output_has("DENIED PermissionError")),
+    Payload("exec_shell", guarded(
+        "import os\nos.execv('/bin/sh', ['sh', '-c', 'touch $victim_dir/exec_ran'])"),
+        victim_absent("exec_ran")),
+    Payload("subprocess_via_posix_spawn", guarded(
+        "import os\nos.posix_spawn('/bin/sh', ['sh', '-c', 'touch $victim_dir/spawned'], {})"),
+        victim_absent("spawned")),
+    Payload("sys_exit_at_import", "import sys\nsys.exit(0)\n" + CORRECT,
+            all_fail_with("SystemExit")),
+    Payload("os_exit_in_function", "import os\ndef sum_of_evens(nums):\n    os._exit(0)\n",
+            all_fail_with("no result")),
+    Payload("always_equal_object",
+            "class Anything:\n    def __eq__(self, other):\n        return True\n"
+            "    __hash__ = object.__hash__\n"
+            "def sum_of_evens(nums):\n    return Anything()\n", all_fail_with("unserializable")),
+    Payload("int_subclass_with_correct_value",
+            "class Sly(int):\n    def __eq__(self, other):\n        return True\n"
+            "    __hash__ = int.__hash__\n"
+            "def sum_of_evens(nums):\n    return Sly(sum(n for n in nums if n % 2 == 0))\n",
+            all_fail_with("unserializable")),
+    Payload("frame_walk_forged_records", FRAME_WALK_FORGERY, forged_submit, action="SUBMIT"),
+    Payload("gc_found_emit_forgery", GC_FORGERY, tampered),
+    Payload("forged_records_on_other_fds", guarded(
+        "import os\nfor fd in range(3, 64):\n    try:\n"
+        "        os.write(fd, b'{\"i\": 0, \"v\": 6}\\n{\"i\": 0, \"v\": 6}\\n')\n"
+        "    except OSError:\n        pass"), tampered),
+    Payload("monkeypatch_json_and_builtins",
+            "import json, builtins\njson.dumps = lambda *a, **k: '{\"i\": 0, \"v\": 6}'\n"
+            "builtins.isinstance = lambda *a: True\n"
+            "def sum_of_evens(nums):\n    return -1\n", passed(0)),
+    Payload("lingering_threads",
+            "import threading, time\nthreading.Thread(target=time.sleep, args=(1000,)).start()\n"
+            + CORRECT, passed(VISIBLE)),
+    Payload("segfault_via_ctypes", "import ctypes\nctypes.string_at(0)\n" + CORRECT,
+            all_fail_with("signal 11")),
+    Payload("deep_recursion",
+            "import sys\nsys.setrecursionlimit(10**6)\n"
+            "def sum_of_evens(nums, depth=0):\n    return sum_of_evens(nums, depth + 1)\n",
+            passed(0)),
+    Payload("zip_bomb",
+            "import zlib\nBOMB = zlib.compress(bytes(2 ** 26), 9)\n"
+            "def sum_of_evens(nums):\n    out = []\n    while True:\n"
+            "        out.append(zlib.decompress(BOMB))\n", passed(0)),
+    Payload("raise_rlimits",
+            "import resource\ndef sum_of_evens(nums):\n    resource.setrlimit(resource.RLIMIT_AS, "
+            "(resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n    return 0\n",
+            limits_not_raised),
+    Payload("plant_files_in_tmp_and_shm", guarded(
+        "for path in ('/tmp/tracefix_planted.py', '/dev/shm/tracefix_planted.py'):\n"
+        "    try:\n        open(path, 'w').write('planted')\n    except OSError:\n        pass"),
+        planted),
+    Payload("ptrace_parent", SYSCALL + "import os\nprint('PTRACE', libc.ptrace(16, os.getppid(), "
+            "0, 0), ctypes.get_errno())\n" + CORRECT, output_has("PTRACE -1 1")),
+    Payload("io_uring_setup", SYSCALL + "params = ctypes.create_string_buffer(120)\n"
+            "print('IOURING', libc.syscall(425, 8, params), ctypes.get_errno())\n" + CORRECT,
+            output_has("IOURING -1 1")),
+    Payload("unshare_namespaces", SYSCALL + "print('UNSHARE', libc.unshare(0x10000000 | "
+            "0x40000000), ctypes.get_errno())\n" + CORRECT, output_has("UNSHARE -1 1")),
+    Payload("foreign_arch_syscall", SHELLCODE, killed_by_sigsys, needs_seccomp=True),
+]  # fmt: skip
+
+
+def test_suite_is_large_enough():
+    assert len({p.name for p in PAYLOADS}) == len(PAYLOADS) >= 30
+
+
+@pytest.mark.parametrize("payload", PAYLOADS, ids=lambda p: p.name)
+def test_payload(world: World, payload: Payload):
+    if payload.needs_seccomp and not world.seccomp:
+        pytest.skip("only run where process creation and signals are denied by seccomp")
+    reset_victims(world.victims)
+    world.listeners.contacts()
+    episode = f"payload-{payload.name}"
+    post(world, "/reset", {"task_id": TASK, "episode_id": episode})
+    code = Template(payload.code).safe_substitute(world.values())
+    edit = replace_all(world, episode, code)
+    assert edit["observation"]["last_action_error"] is None
+    started = time.monotonic()
+    result = post(
+        world, "/step", {"episode_id": episode, "action": {"action_type": payload.action}}
+    )
+    assert time.monotonic() - started < 30
+    payload.check(result["observation"], world)
+
+    # the aftermath: nothing broken, nothing left behind, nothing leaked
+    facts = health(world)
+    assert facts["status"] == "healthy"
+    deadline = time.monotonic() + 10
+    while facts["sandbox"]["workers_alive"] < facts["sandbox"]["workers"]:
+        assert time.monotonic() < deadline, facts["sandbox"]
+        time.sleep(0.1)
+        facts = health(world)
+    canary_check(world)
+    assert leftover_processes(world) == []
+    for worker in world.root.rglob("run-*"):
+        pytest.fail(f"working directory left behind: {worker}")
+    assert health(world)["server"]["open_fds"] == world.baseline_fds
+    if world.seccomp:
+        assert facts["sandbox"]["respawns"] == 0
+
+
+def test_workers_survived_every_payload(world: World):
+    """Runs after the payloads of this mode (same module-scoped server)."""
+    facts = health(world)["sandbox"]
+    assert facts["workers_alive"] == facts["workers"]
+    assert facts["evaluations"] >= len(PAYLOADS)
