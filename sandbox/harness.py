@@ -10,6 +10,7 @@ never enter this process.
 
 from __future__ import annotations
 
+import ast
 import builtins
 import json
 import os
@@ -20,6 +21,9 @@ from typing import Any
 
 # Framing between the pool and its zygotes: a 4-byte big-endian length, then JSON.
 FRAME_HEADER = struct.Struct(">I")
+# Last line of the result channel. Agent code can write it early, which only cuts off its
+# own remaining records (missing records fail).
+DONE_LINE = b'{"done":1}\n'
 
 # References captured before any agent code runs (monkeypatching json/os later changes nothing).
 _dumps = json.dumps
@@ -108,8 +112,6 @@ class TestTimeout(BaseException):
 
 def _compile_test(source: str) -> tuple[Any, Any]:
     """Split a snippet into (statements, final expression or None) code objects."""
-    import ast
-
     tree = ast.parse(source, TEST_FILENAME, "exec")
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
@@ -192,4 +194,5 @@ def run_tests(request: dict[str, Any], fd: int) -> None:
             stream.flush()
         except BaseException:  # noqa: BLE001
             pass
+    write(fd, DONE_LINE)  # lets the worker answer without waiting for this process to exit
     os._exit(0)

@@ -181,6 +181,27 @@ class _Program:
 
 def seccomp_program(own_pid: int) -> bytes:
     """The deny-list filter for x86_64 as raw BPF (see the module docstring)."""
+    program, pid_offset = _seccomp_template()
+    return program[:pid_offset] + struct.pack("=I", own_pid) + program[pid_offset + 4 :]
+
+
+_template: tuple[bytes, int] | None = None
+
+
+def _seccomp_template() -> tuple[bytes, int]:
+    """The filter assembled once per process; the pid goes in at ``pid_offset``."""
+    global _template
+    if _template is None:
+        program = _assemble_seccomp(0)
+        _template = (program, _PID_INSTRUCTION * 8 + 4)
+    return _template
+
+
+_PID_INSTRUCTION = -1
+
+
+def _assemble_seccomp(own_pid: int) -> bytes:
+    global _PID_INSTRUCTION
     numbers = SYSCALLS_X86_64
     p = _Program()
     p.load(_ARCH)
@@ -205,6 +226,7 @@ def seccomp_program(own_pid: int) -> bytes:
     p.jump(_JEQ_K, 0, "allow", "eperm")
     p.label("self_only")  # signals to this process only
     p.load(_arg(0))
+    _PID_INSTRUCTION = len(p.ops)
     p.jump(_JEQ_K, own_pid, 0, "eperm")
     p.load(_arg(0, high=True))
     p.jump(_JEQ_K, 0, "allow", "eperm")
@@ -262,10 +284,19 @@ def read_only_paths() -> list[str]:
     """System libraries and the interpreter's standard library (never the app directory)."""
     paths = ["/usr", "/lib", "/lib64", "/bin", "/etc/ld.so.cache", "/etc/localtime",
              "/dev/urandom"]  # fmt: skip
+    # the base interpreter's library, not a virtualenv's (that would expose site-packages)
+    base = {
+        "installed_base": sys.base_prefix,
+        "base": sys.base_prefix,
+        "installed_platbase": sys.base_exec_prefix,
+        "platbase": sys.base_exec_prefix,
+    }
     for key in ("stdlib", "platstdlib"):
-        paths.append(sysconfig.get_paths()[key])
-    paths.append(os.path.join(sysconfig.get_paths()["stdlib"], "lib-dynload"))
-    return sorted({p for p in paths if os.path.exists(p)})
+        stdlib = sysconfig.get_path(key, vars=base)
+        paths += [stdlib, os.path.join(stdlib, "lib-dynload")]
+    resolved = sorted({os.path.realpath(p) for p in paths if os.path.exists(p)})
+    # a rule on a directory covers everything beneath it: keep only the outermost paths
+    return [p for p in resolved if not any(p.startswith(q + os.sep) for q in resolved)]
 
 
 def open_read_only(paths: list[str]) -> list[tuple[int, bool]]:

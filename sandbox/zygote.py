@@ -26,6 +26,7 @@ import layers  # noqa: E402
 
 sys.path.remove(_HERE)  # agent code cannot import the sandbox's own modules
 
+import gc  # noqa: E402
 import json  # noqa: E402
 import select  # noqa: E402
 import shutil  # noqa: E402
@@ -35,54 +36,31 @@ import stat  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 
-# Modules agent code commonly imports, loaded once here so children (which may no longer be
-# able to read the interpreter's directory after the uid drop) find them in sys.modules.
+# Modules agent code commonly imports, loaded once here so that children find them in
+# sys.modules even where the dropped uid cannot read the interpreter's directory. Kept short:
+# every preloaded module enlarges the zygote and makes each fork slower.
 PRELOAD = [
-    "abc",
-    "array",
-    "base64",
-    "binascii",
     "bisect",
-    "calendar",
-    "cmath",
     "collections",
     "collections.abc",
     "copy",
     "dataclasses",
     "datetime",
-    "decimal",
     "encodings.ascii",
-    "encodings.cp1252",
     "encodings.idna",
     "encodings.latin_1",
-    "encodings.raw_unicode_escape",
-    "encodings.unicode_escape",
-    "encodings.utf_16",
-    "encodings.utf_32",
     "enum",
-    "fractions",
     "functools",
     "gc",
-    "gzip",
-    "hashlib",
     "heapq",
-    "inspect",
-    "io",
     "itertools",
     "math",
     "mmap",
-    "numbers",
     "operator",
-    "random",
     "re",
-    "statistics",
     "string",
-    "struct",
-    "textwrap",
     "threading",
     "typing",
-    "unicodedata",
-    "zipfile",
     "zlib",
 ]
 for _name in PRELOAD:
@@ -132,6 +110,8 @@ class Config:
         self.landlock_abi = abi
         self.seccomp = layers.seccomp_supported() and not options.get("no_seccomp")
         self.read_only = layers.open_read_only(layers.read_only_paths()) if abi else []
+        if self.seccomp:
+            layers.seccomp_program(0)  # assemble once here, not in every child
 
 
 def _setup_child(config: Config, workdir: str, out_fd: int, keep_fd: int, limits: dict) -> dict:
@@ -197,27 +177,57 @@ def _kill_group(pid: int) -> None:
             pass
 
 
-def _read_records(fd: int, deadline: float, cap: int) -> tuple[bytes, bool, bool]:
-    chunks: list[bytes] = []
-    size = 0
+def _read_records(fd: int, deadline: float, cap: int) -> tuple[bytes, str]:
+    """Read the result channel; returns (data, how it ended).
+
+    ``how`` is ``"done"`` (the harness's last line), ``"eof"`` (the child exited or closed
+    the channel), ``"timeout"`` (wall-clock deadline) or ``"overflow"`` (more than ``cap``).
+    """
+    data = b""
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return b"".join(chunks), True, False
+            return data, "timeout"
         ready, _, _ = select.select([fd], [], [], remaining)
         if not ready:
-            return b"".join(chunks), True, False
+            return data, "timeout"
         chunk = os.read(fd, READ_CHUNK)
         if not chunk:
-            return b"".join(chunks), False, False
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > cap:
-            return b"".join(chunks)[:cap], False, True
+            return data, "eof"
+        data += chunk
+        if len(data) > cap:
+            return data[:cap], "overflow"
+        if data.endswith(harness.DONE_LINE):
+            return data[: -len(harness.DONE_LINE)], "done"
 
 
-def evaluate(config: Config, request: dict) -> dict:
-    """Run one request in a fresh, fully layered child and collect what it produced."""
+class Evaluation:
+    """One evaluation: :meth:`run` collects the child's output; :meth:`cleanup` reaps it and
+    removes its working directory (done after the response has been sent)."""
+
+    def __init__(self, config: Config, request: dict) -> None:
+        self.config = config
+        self.request = request
+        self.pid = 0
+        self.workdir = ""
+
+    def run(self) -> dict:
+        return evaluate(self.config, self.request, self)
+
+    def cleanup(self) -> None:
+        if self.pid:
+            _kill_group(self.pid)
+            os.waitpid(self.pid, 0)
+        if self.workdir:
+            _remove_tree(self.workdir)
+
+
+def evaluate(config: Config, request: dict, pending: Evaluation | None = None) -> dict:
+    """Run one request in a fresh, fully layered child and collect what it produced.
+
+    With ``pending``, reaping the child and removing its working directory are left to
+    ``pending.cleanup()``; the child's process group is SIGKILLed before this returns.
+    """
     limits = request["limits"]
     workdir = _make_workdir(config)
     out_fd = os.memfd_create("sandbox-output", os.MFD_CLOEXEC)
@@ -233,12 +243,16 @@ def evaluate(config: Config, request: dict) -> dict:
         finally:
             os._exit(CHILD_SETUP_FAILED)
     os.close(rec_w)
+    status = None
     try:
-        raw, timed_out, overflow = _read_records(
+        raw, ended = _read_records(
             rec_r, start + float(limits["wall_s"]), int(limits["result_bytes"])
         )
         _kill_group(pid)
-        _, status = os.waitpid(pid, 0)
+        if pending is not None and ended == "done":
+            pending.pid = pid  # finished normally: reap it after answering
+        else:
+            _, status = os.waitpid(pid, 0)
         duration_ms = (time.monotonic() - start) * 1000.0
         size = os.fstat(out_fd).st_size
         cap = int(limits["output_bytes"])
@@ -246,16 +260,19 @@ def evaluate(config: Config, request: dict) -> dict:
     finally:
         os.close(rec_r)
         os.close(out_fd)
-        _remove_tree(workdir)
-    code = os.waitstatus_to_exitcode(status)
+        if pending is None:
+            _remove_tree(workdir)
+        else:
+            pending.workdir = workdir
+    code = os.waitstatus_to_exitcode(status) if status is not None else 0
     return {
         "records": raw.decode("utf-8", errors="replace"),
         "output": output.decode("utf-8", errors="replace"),
         "output_truncated": size > cap,
         "exit_code": code if code >= 0 else None,
         "signal": -code if code < 0 else None,
-        "timed_out": timed_out,
-        "result_overflow": overflow,
+        "timed_out": ended == "timeout",
+        "result_overflow": ended == "overflow",
         "duration_ms": duration_ms,
     }
 
@@ -279,7 +296,7 @@ def probe(config: Config) -> dict:
         finally:
             os._exit(0)
     os.close(rec_w)
-    raw, _, _ = _read_records(rec_r, time.monotonic() + 10, 1 << 16)
+    raw, _ = _read_records(rec_r, time.monotonic() + 10, 1 << 16)
     _kill_group(pid)
     os.waitpid(pid, 0)
     for fd in (rec_r, out_fd):
@@ -322,12 +339,15 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server handles Ctrl-C and stops us
     config = Config(root, options)
     write_message(1, {"hello": os.getpid(), "layers": probe(config)})
+    gc.freeze()  # children's collections skip the zygote's objects: fewer copy-on-write faults
     while (request := read_message(0)) is not None:
+        evaluation = Evaluation(config, request)
         try:
-            response = evaluate(config, request)
+            response = evaluation.run()
         except Exception as exc:  # noqa: BLE001 - report, keep serving
             response = {"error": f"{type(exc).__name__}: {exc}"}
         write_message(1, response)
+        evaluation.cleanup()
 
 
 if __name__ == "__main__":

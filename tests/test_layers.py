@@ -76,3 +76,8 @@ def test_landlock_can_be_forced_off():
         assert facts["landlock_abi"] == 0 and facts["degraded"] == ["landlock"]
     finally:
         pool.close()
+
+
+def test_prepared_filter_equals_a_fresh_assembly():
+    assert layers.seccomp_program(4321) == layers._assemble_seccomp(4321)
+    assert layers.seccomp_program(1) != layers.seccomp_program(2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from tests.conftest import FAKE_SECRET
 
 @pytest.fixture(scope="module")
 def sandbox():
-    box = ZygotePool(limits=Limits(wall_s=3.0, per_test_s=1.0, cpu_s=3))
+    box = ZygotePool(limits=Limits(wall_s=3.0, per_test_s=1.0, cpu_s=10))
     yield box
     box.close()
 
@@ -73,6 +74,14 @@ def test_timeout_kills_and_keeps_earlier_records(sandbox):
     assert result.records == [{"i": 0, "v": 1}]
 
 
+def test_cpu_limit_kills_busy_loops(sandbox):
+    limits = Limits(wall_s=10.0, per_test_s=10.0, cpu_s=1)
+    code = "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\nwhile True: pass\n"
+    result = run(sandbox, code, "1", limits=limits)
+    assert result.records == [] and result.signal in (signal.SIGXCPU, signal.SIGKILL)
+    assert not result.timed_out and result.duration_ms < 5000
+
+
 def test_crash_and_exit_leave_missing_records(sandbox):
     crash = run(sandbox, "import ctypes\n", "1", "ctypes.string_at(0)", "2")
     assert [r["i"] for r in crash.records] == [0] and crash.signal == 11
@@ -110,8 +119,18 @@ def test_workdirs_and_processes_are_cleaned_up(sandbox):
     code = "import threading, time\nthreading.Thread(target=time.sleep, args=(30,)).start()\n"
     result = run(sandbox, code, "open('f.txt', 'w').write('x')")
     assert result.records[0]["v"] == 1
-    for worker_dir in os.listdir(sandbox.root):
-        assert os.listdir(os.path.join(sandbox.root, worker_dir)) == []
+
+    def leftovers() -> list[str]:
+        return [
+            run
+            for worker in os.listdir(sandbox.root)
+            for run in os.listdir(os.path.join(sandbox.root, worker))
+        ]
+
+    deadline = time.monotonic() + 5  # removed by the worker right after it answers
+    while leftovers() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert leftovers() == []
 
 
 def test_syntax_error_is_reported_per_test(sandbox):

@@ -1,0 +1,201 @@
+"""Sandbox benchmark: RUN_TESTS latency and evaluations/s, beside a bare ``os.fork`` floor.
+
+    uv run python bench/sandbox_bench.py [--quick]
+
+Writes ``bench/results/sandbox.json`` and prints a table. Everything is measured in one run
+on this machine, so ratios (sandboxed latency / fork floor) are meaningful even when the
+machine is noisy; absolute numbers are not comparable across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import models  # noqa: E402,F401  (first: keeps gradio out)
+
+# isort: split
+
+from environment import TraceFixEnvironment  # noqa: E402
+from models import TraceFixAction  # noqa: E402
+from sandbox import EvalRequest, get_sandbox  # noqa: E402
+from tasks import get_registry  # noqa: E402
+
+RESULTS = REPO / "bench" / "results"
+TIER_TASKS = {
+    "easy": "sum_of_evens_wrong_modulus",
+    "medium": "merge_sort_wrong_tail_index",
+    "hard": "lru_cache_get_does_not_promote",
+}
+EVAL_FLOOR = """
+import json, os, sys, time
+sys.path.insert(0, sys.argv[2])
+import harness
+request = json.loads(sys.argv[3])
+samples = []
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read_end)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+        harness.run_tests(request, write_end)
+    os.close(write_end)
+    while os.read(read_end, 65536):
+        pass
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    samples.append((time.perf_counter() - start) * 1000)
+print(",".join(f"{s:.4f}" for s in samples))
+"""
+FORK_FLOOR = """
+import os, sys, time
+samples = []
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    samples.append((time.perf_counter() - start) * 1000)
+print(",".join(f"{s:.4f}" for s in samples))
+"""
+
+
+def percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def summarize(samples: list[float]) -> dict[str, float]:
+    return {
+        "n": len(samples),
+        "p50_ms": round(statistics.median(samples), 3),
+        "p99_ms": round(percentile(samples, 0.99), 3),
+        "mean_ms": round(statistics.fmean(samples), 3),
+    }
+
+
+def fork_floor(n: int) -> dict[str, float]:
+    """fork + exit + wait in a small fresh interpreter (the size of a sandbox worker)."""
+    out = subprocess.run(
+        [sys.executable, "-s", "-S", "-c", FORK_FLOOR, str(n)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return summarize([float(x) for x in out.stdout.strip().split(",")])
+
+
+def eval_floor(task_id: str, n: int) -> dict[str, float]:
+    """fork + the same evaluation with no isolation layers + pipe + wait, in a small
+    interpreter that preloaded only the harness: the cost of process-per-run itself."""
+    task = get_registry().tasks[task_id]
+    request = {"code": task.solution, "tests": [t.code for t in task.visible_tests],
+               "labels": [t.name for t in task.visible_tests],
+               "limits": {"per_test_s": 1.0}}  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-s", "-S", "-c", EVAL_FLOOR, str(n), str(REPO / "sandbox"),
+         json.dumps(request)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return summarize([float(x) for x in out.stdout.strip().split(",")])
+
+
+def run_tests_latency(task_id: str, n: int) -> dict[str, float]:
+    """Time RUN_TESTS steps through the environment (sandbox + judge), busting the cache."""
+    env = TraceFixEnvironment()
+    obs = env.reset(task_id=task_id, max_steps=1000)
+    last_line = len(obs.code_dict)
+    samples = []
+    for i in range(n):
+        if env.state.step_count > 990:
+            obs = env.reset(task_id=task_id, max_steps=1000)
+            last_line = len(obs.code_dict)
+        env.step(TraceFixAction(action_type="REPLACE_LINES", start_line=last_line + 1,
+                                end_line=last_line, new_code_block=f"# run {i}"))  # fmt: skip
+        last_line += 1
+        start = time.perf_counter()
+        env.step(TraceFixAction(action_type="RUN_TESTS"))
+        samples.append((time.perf_counter() - start) * 1000)
+    return summarize(samples)
+
+
+def throughput(concurrency: int, seconds: float) -> dict[str, float]:
+    """Evaluations/s of the easy task's visible tests with ``concurrency`` client threads."""
+    sandbox = get_sandbox()
+    task = get_registry().tasks[TIER_TASKS["easy"]]
+    request = EvalRequest(code=task.solution, tests=tuple(t.code for t in task.visible_tests))
+    count = [0] * concurrency
+    stop = time.monotonic() + seconds
+
+    def client(slot: int) -> None:
+        while time.monotonic() < stop:
+            result = sandbox.run(request)
+            assert len(result.records) == len(request.tests)
+            count[slot] += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    return {"concurrency": concurrency, "evaluations": sum(count),
+            "per_second": round(sum(count) / elapsed, 1)}  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
+    args = parser.parse_args()
+    n, seconds = (50, 1.0) if args.quick else (300, 4.0)
+    sandbox = get_sandbox()
+    print(f"sandbox layers: {sandbox.describe()['layers']}", file=sys.stderr)
+    bare = fork_floor(n)
+    floors = {tier: eval_floor(task, n) for tier, task in TIER_TASKS.items()}
+    latency = {tier: run_tests_latency(task, n) for tier, task in TIER_TASKS.items()}
+    rates = [throughput(c, seconds) for c in (1, 2, 4, 8)]
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },  # fmt: skip
+        "sandbox": sandbox.describe(),
+        "bare_fork": bare,
+        "fork_floor": floors,
+        "run_tests": latency,
+        "ratio_p50_to_fork_floor": {
+            tier: round(stats["p50_ms"] / floors[tier]["p50_ms"], 2)
+            for tier, stats in latency.items()
+        },
+        "throughput": rates,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "sandbox.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"bare fork+exit+wait: p50 {bare['p50_ms']} ms, p99 {bare['p99_ms']} ms")
+    for tier, stats in latency.items():
+        ratio = report["ratio_p50_to_fork_floor"][tier]
+        print(f"{tier:6} ({TIER_TASKS[tier]}): RUN_TESTS p50 {stats['p50_ms']} ms, "
+              f"p99 {stats['p99_ms']} ms; fork floor p50 {floors[tier]['p50_ms']} ms; "
+              f"ratio {ratio}x")  # fmt: skip
+    for rate in rates:
+        print(f"concurrency {rate['concurrency']}: {rate['per_second']} evaluations/s")
+    sandbox.close()
+
+
+if __name__ == "__main__":
+    main()
