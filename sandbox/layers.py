@@ -304,10 +304,11 @@ def open_read_only(paths: list[str]) -> list[tuple[int, bool]]:
     return [(os.open(path, O_PATH | os.O_CLOEXEC), os.path.isdir(path)) for path in paths]
 
 
-def apply_landlock(abi: int, workdir: str, read_only: list[tuple[int, bool]]) -> None:
-    """Restrict this process to reading ``read_only`` and writing beneath ``workdir``.
+def apply_landlock(abi: int, workdir_fd: int, read_only: list[tuple[int, bool]]) -> None:
+    """Restrict this process to reading ``read_only`` and writing beneath the workdir.
 
-    ``read_only`` holds (O_PATH fd, is_dir) pairs from :func:`open_read_only`.
+    ``read_only`` holds (O_PATH fd, is_dir) pairs from :func:`open_read_only`; the workdir
+    is given as an fd too, opened before any uid drop.
     """
     handled_fs = _fs_rights(abi)
     handled_net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
@@ -323,9 +324,9 @@ def apply_landlock(abi: int, workdir: str, read_only: list[tuple[int, bool]]) ->
         file_rights = FS_EXECUTE | FS_READ_FILE | FS_WRITE_FILE | (1 << 14)
         read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
         rules = [(fd, read if is_dir else read & file_rights) for fd, is_dir in read_only]
-        for path, rights in ((workdir, handled_fs), ("/dev/null", FS_READ_FILE | FS_WRITE_FILE)):
-            own.append(os.open(path, O_PATH | os.O_CLOEXEC))
-            rules.append((own[-1], rights))
+        rules.append((workdir_fd, handled_fs))
+        own.append(os.open("/dev/null", O_PATH | os.O_CLOEXEC))
+        rules.append((own[-1], FS_READ_FILE | FS_WRITE_FILE))
         for fd, rights in rules:
             rule = struct.pack("=Qi", rights & handled_fs, fd)
             _check(

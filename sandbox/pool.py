@@ -58,11 +58,15 @@ class FairSlots:
         self._lock = threading.Lock()
         self._waiters: collections.deque[threading.Lock] = collections.deque()
 
-    def acquire(self, timeout: float) -> bool:
+    def acquire(self, timeout: float, max_waiting: int | None = None) -> bool:
+        """Take a slot, waiting up to ``timeout``; give up at once when ``max_waiting``
+        callers are already waiting."""
         with self._lock:
             if self._free > 0 and not self._waiters:
                 self._free -= 1
                 return True
+            if max_waiting is not None and len(self._waiters) >= max_waiting:
+                return False
             waiter = threading.Lock()
             waiter.acquire()
             self._waiters.append(waiter)
@@ -287,11 +291,13 @@ class ZygotePool:
     # -- SandboxBackend -----------------------------------------------------------------------
 
     def run(self, request: EvalRequest) -> EvalResult:
-        if self._slots.waiting >= self.max_queue:
-            raise SandboxBusy(
-                f"sandbox busy: {self._slots.waiting} evaluations already queued; retry later"
-            )
-        if not self._slots.acquire(timeout=self.queue_timeout_s):
+        queued = self._slots.waiting
+        if not self._slots.acquire(self.queue_timeout_s, max_waiting=self.max_queue):
+            if queued >= self.max_queue:
+                raise SandboxBusy(
+                    f"sandbox busy: the queue is full ({self.max_queue} evaluations waiting "
+                    f"for {self.size} workers); retry later"
+                )
             raise SandboxBusy(
                 f"sandbox busy: all {self.size} workers stayed busy for "
                 f"{self.queue_timeout_s:.0f}s; retry later"

@@ -123,6 +123,7 @@ def _setup_child(config: Config, workdir: str, out_fd: int, keep_fd: int, limits
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
     os.chdir(workdir)
+    workdir_fd = os.open(workdir, layers.O_PATH | os.O_CLOEXEC)  # before the uid drop
     if config.uid is not None:
         try:
             layers.drop_root(config.uid)
@@ -132,7 +133,7 @@ def _setup_child(config: Config, workdir: str, out_fd: int, keep_fd: int, limits
     layers.apply_rlimits(limits)
     if config.landlock_abi:
         try:
-            layers.apply_landlock(config.landlock_abi, workdir, config.read_only)
+            layers.apply_landlock(config.landlock_abi, workdir_fd, config.read_only)
         except OSError as exc:
             errors["landlock"] = str(exc)
     os.closerange(3, keep_fd)

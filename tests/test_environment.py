@@ -394,3 +394,13 @@ def test_busy_sandbox_is_reported_without_penalty(registry: TaskRegistry):
     obs = env.step(act("SUBMIT"))
     assert obs.done and obs.last_action_error is None
     box.close()
+
+
+def test_one_evaluation_in_flight_per_episode(env):
+    env._evaluating.acquire()
+    try:
+        obs = env.step(act("RUN_TESTS"))
+        assert obs.last_action_error == "an evaluation is already running for this episode"
+    finally:
+        env._evaluating.release()
+    assert env.step(act("RUN_TESTS")).last_action_error is None

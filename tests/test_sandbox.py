@@ -176,3 +176,53 @@ def test_fair_slots_serve_waiters_in_order():
         thread.join()
     assert order == [0, 1, 2, 3, 4]
     assert not FairSlots(0).acquire(timeout=0.05)
+
+
+def test_worker_killed_while_idle_is_replaced(tmp_path):
+    pool = ZygotePool(root=str(tmp_path), workers=1)
+    try:
+        pool._idle[0].proc.kill()
+        pool._idle[0].proc.wait()
+        assert run(pool, "", "41 + 1").records == [{"i": 0, "v": 42}]
+        assert pool.describe()["respawns"] == 1 and pool.describe()["workers_alive"] == 1
+    finally:
+        pool.close()
+
+
+def test_worker_killed_during_evaluation_is_respawned_in_background(tmp_path):
+    # seccomp, the uid drop and Landlock's signal scoping each stop kill(ppid): all off here
+    pool = ZygotePool(
+        root=str(tmp_path),
+        workers=1,
+        seccomp=False,
+        landlock=False,
+        uid_drop=False,
+        allow_degraded=True,
+    )
+    try:
+        result = run(pool, "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n", "1")
+        assert result.records == [] and "worker died" in result.output
+        assert run(pool, "", "2").records == [{"i": 0, "v": 2}]  # waits for the replacement
+        facts = pool.describe()
+        assert facts["respawns"] == 1 and facts["workers_alive"] == facts["workers"] == 1
+    finally:
+        pool.close()
+
+
+def test_bounded_queue_refuses_with_a_clear_error(tmp_path):
+    import threading
+
+    from sandbox import SandboxBusy
+
+    pool = ZygotePool(root=str(tmp_path), workers=1, max_queue=0, queue_timeout_s=5)
+    try:
+        hog = threading.Thread(target=run, args=(pool, "import time", "time.sleep(1.5)"))
+        hog.start()
+        while pool.describe()["in_flight"] == 0:
+            time.sleep(0.005)
+        with pytest.raises(SandboxBusy, match="queue is full"):
+            run(pool, "", "1")
+        hog.join()
+        assert run(pool, "", "1").records == [{"i": 0, "v": 1}]
+    finally:
+        pool.close()
