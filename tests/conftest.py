@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,8 +58,9 @@ class ServerProcess:
         env.pop("ENABLE_WEB_INTERFACE", None)
         env.update(extra_env or {})
         command = argv or [sys.executable, "-m", "server.app"]
-        self.log_path = Path(f"/tmp/tracefix-test-server-{self.port}.log")
-        self._log = self.log_path.open("wb")
+        handle, name = tempfile.mkstemp(prefix=f"tracefix-test-server-{self.port}-", suffix=".log")
+        self.log_path = Path(name)
+        self._log = os.fdopen(handle, "wb")
         self.proc = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=REPO,
@@ -95,6 +97,7 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
+        self.log_path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
