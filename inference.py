@@ -108,6 +108,12 @@ def emit(line: str) -> None:
     print(line, flush=True)
 
 
+def two_decimals(value: float) -> str:
+    """``f"{value:.2f}"`` without a negative zero (-0.004 prints as 0.00)."""
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
+
+
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -446,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                 episode.error = f"{type(exc).__name__}: {one_line(str(exc))[:300]}"
                 log(f"{task_id}: episode failed: {episode.error}")
             score = min(max(episode.score or 0.0, SCORE_FLOOR), SCORE_CEILING)
-            rewards = ",".join(f"{r:.2f}" for r in episode.rewards)
+            rewards = ",".join(two_decimals(r) for r in episode.rewards)
             emit(
                 f"[END] success={str(episode.solved).lower()} steps={len(episode.rewards)} "
                 f"score={score:.3f} rewards={rewards}"

@@ -203,6 +203,11 @@ def test_parse_action_variants():
             inference.parse_action(bad)
 
 
+def test_two_decimals_has_no_negative_zero():
+    assert [inference.two_decimals(x) for x in (-0.004, 0.004, -0.01, 1.105)] == [
+        "0.00", "0.00", "-0.01", "1.10"]  # fmt: skip
+
+
 def test_step_action_rendering_has_no_spaces():
     from models import TraceFixAction
 
