@@ -178,12 +178,14 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         difficulty: str | None = None,
         task_name: str | None = None,
         max_steps: int | None = None,
+        split: str | None = None,
         **kwargs: Any,
     ) -> TraceFixObservation:
         """Start an episode. Unknown keyword arguments (e.g. dataset columns) are ignored.
 
         ``task_id`` (alias ``task_name``) picks a task; otherwise ``seed`` picks one
-        deterministically among the tasks of ``difficulty`` (or all tasks).
+        deterministically among the tasks of ``difficulty`` and ``split`` (``train`` or
+        ``eval``; default: all).
         """
         if seed is not None and (type(seed) is not int or seed < 0):
             raise TaskSelectionError(f"seed must be a non-negative integer, got {seed!r}")
@@ -194,9 +196,12 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
             raise TaskSelectionError(
                 f"max_steps must be an integer in 1..{MAX_STEPS_LIMIT}, got {max_steps!r}"
             )
+        if isinstance(split, str):
+            split = split.strip().lower() or None
         task = self.registry.select(
-            seed=seed, task_id=task_id or task_name, difficulty=difficulty, rng=self._rng
-        )
+            seed=seed, task_id=task_id or task_name, difficulty=difficulty, rng=self._rng,
+            split=split,
+        )  # fmt: skip
         self._task = task
         self._lines = task.buggy_code.rstrip("\n").split("\n")
         self._history: list[list[str]] = []

@@ -306,8 +306,9 @@ class Environment:
             time.sleep(0.25)
 
     def tasks(self, difficulty: str) -> list[str]:
-        response = httpx.get(f"{self.url}/tasks", params={"difficulty": difficulty,
-                                                           "limit": 1000}, timeout=30)  # fmt: skip
+        """The curated tasks of one tier (the generated corpus is for training)."""
+        params = {"difficulty": difficulty, "source": "curated", "limit": 1000}
+        response = httpx.get(f"{self.url}/tasks", params=params, timeout=30)
         response.raise_for_status()
         return [row["task_id"] for row in response.json()["tasks"]]
 
@@ -402,7 +403,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     tier = parser.add_mutually_exclusive_group()
     for name in ("easy", "medium", "hard"):
         tier.add_argument(f"--{name}", dest="tier", action="store_const", const=name,
-                          help=f"run every {name} task")  # fmt: skip
+                          help=f"run every curated {name} task")  # fmt: skip
     parser.add_argument("--task", action="append", default=[], help="task id (repeatable)")
     parser.add_argument("--episodes", type=int, default=1, help="episodes per task")
     parser.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS)

@@ -312,16 +312,16 @@ class ZygotePool:
         with self._lock:
             worker = self._idle.popleft()
             self.in_flight += 1
-        healthy = True
-        try:
+        healthy = False  # until a response is read: an interrupted call leaves the channel
+        try:  # holding a stale answer, so such a worker is replaced, never reused
             for attempt in (1, 2):
                 try:
                     response = worker.call(message, limits.wall_s + RESPONSE_GRACE_S)
+                    healthy = True
                     break
                 except WorkerDied as exc:
                     log.warning("sandbox worker died: %s", exc)
                     if attempt == 2 or "not accepting" not in str(exc):
-                        healthy = False
                         return _no_result(f"sandbox worker died: {exc}")
                     worker.kill()  # it was already dead before this request: use a new one
                     worker = self._spawn()

@@ -50,7 +50,7 @@ from starlette.concurrency import run_in_threadpool
 from environment import TraceFixEnvironment
 from models import TraceFixAction, TraceFixObservation, TraceFixState
 from sandbox import SandboxBusy, SandboxUnavailable, get_sandbox
-from tasks import TaskSelectionError, get_registry
+from tasks import SPLITS, TaskSelectionError, get_registry
 
 log = logging.getLogger("tracefix_rl.server")
 
@@ -265,19 +265,28 @@ def create_tracefix_app() -> FastAPI:
     @app.get("/tasks", tags=["Environment Info"])
     async def list_tasks(
         difficulty: str | None = None,
+        split: str | None = None,
+        source: str | None = None,
         offset: int = Query(default=0, ge=0),
         limit: int = Query(default=100, ge=1, le=1000),
     ) -> dict[str, Any]:
-        """Task ids with difficulty, bug type and source, paginated."""
+        """Task ids with tier, split, source and bug type, paginated and filterable.
+
+        Use it to build a trainer's dataset of reset arguments, e.g.
+        ``{"task_id": ...}`` rows, or ``{"difficulty": ..., "split": ..., "seed": ...}``.
+        """
         if difficulty is not None and difficulty not in models.DIFFICULTIES:
             raise HTTPException(400, f"unknown difficulty {difficulty!r}")
-        ids = registry.ids(difficulty)
+        if split is not None and split not in SPLITS:
+            raise HTTPException(400, f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        ids = registry.ids(difficulty, split, source)
         rows = [
             {
                 "task_id": task.task_id,
                 "difficulty": task.difficulty,
-                "bug_type": task.bug_type,
+                "split": task.split,
                 "source": task.source,
+                "bug_type": task.bug_type,
             }
             for task in (registry.tasks[i] for i in ids[offset : offset + limit])
         ]

@@ -110,7 +110,7 @@ def test_medium_on_a_fresh_checkout_starts_its_own_server(llm, registry):
     done = run(llm, "golden", "--medium")
     assert done.returncode == 0, done.stderr
     found = episodes(done.stdout)
-    assert sorted(e["task"] for e in found) == registry.ids("medium")
+    assert sorted(e["task"] for e in found) == registry.ids("medium", source="curated")
     assert all(e["success"] for e in found)
     started = re.search(r"starting one at (http://127\.0\.0\.1:\d+)", done.stderr)
     assert started, done.stderr
@@ -160,7 +160,8 @@ def test_tier_flags_change_the_tasks(llm, server, registry):
     hard = run(llm, "garbage", "--hard", "--max-steps", "1", env_url=server.url)
     easy_tasks = [e["task"] for e in episodes(easy.stdout)]
     hard_tasks = [e["task"] for e in episodes(hard.stdout)]
-    assert easy_tasks == registry.ids("easy") and hard_tasks == registry.ids("hard")
+    assert easy_tasks == registry.ids("easy", source="curated")
+    assert hard_tasks == registry.ids("hard", source="curated")
     assert not set(easy_tasks) & set(hard_tasks)
 
 

@@ -226,3 +226,24 @@ def test_bounded_queue_refuses_with_a_clear_error(tmp_path):
         assert run(pool, "", "1").records == [{"i": 0, "v": 1}]
     finally:
         pool.close()
+
+
+def test_interrupted_call_replaces_the_worker(tmp_path):
+    """An exception mid-request (e.g. Ctrl-C) must not leave a stale answer in the channel."""
+    pool = ZygotePool(root=str(tmp_path), workers=1)
+    try:
+        worker = pool._idle[0]
+        original = worker._receive
+
+        def interrupted(deadline):
+            raise KeyboardInterrupt
+
+        worker._receive = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            run(pool, "", "1")
+        worker._receive = original
+        assert run(pool, "", "2").records == [{"i": 0, "v": 2}]  # not the stale "1"
+        assert run(pool, "", "3").records == [{"i": 0, "v": 3}]
+        assert pool.describe()["respawns"] == 1
+    finally:
+        pool.close()

@@ -131,6 +131,12 @@ def test_info_routes(server):
     page = httpx.get(f"{server.url}/tasks", params={"difficulty": "hard", "limit": 2}).json()
     assert page["total"] >= 6 and len(page["tasks"]) == 2
     assert {row["difficulty"] for row in page["tasks"]} == {"hard"}
+    page = httpx.get(f"{server.url}/tasks", params={"split": "eval", "source": "generated",
+                                                    "offset": 3, "limit": 5}).json()  # fmt: skip
+    assert page["total"] > 5 and len(page["tasks"]) == 5 and page["offset"] == 3
+    assert {(r["split"], r["source"]) for r in page["tasks"]} == {("eval", "generated")}
+    assert {"task_id", "difficulty", "split", "source", "bug_type"} == set(page["tasks"][0])
+    assert httpx.get(f"{server.url}/tasks", params={"split": "dev"}).status_code == 400
     assert httpx.get(f"{server.url}/docs").status_code == 200
 
 

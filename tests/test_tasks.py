@@ -34,26 +34,31 @@ GOOD_TASK = {
 }
 
 
+def curated(registry: TaskRegistry):
+    return [registry.tasks[i] for i in registry.ids(source="curated")]
+
+
 def test_every_builtin_task_is_valid(registry: TaskRegistry):
     assert registry.problems == []
     files = sorted(BUILTIN_DIR.glob("*.toml"))
-    assert len(registry.tasks) == len(files) >= 16
+    assert len(curated(registry)) == len(files) >= 40
+    assert len({task.program for task in curated(registry)}) >= 40
 
 
 def test_builtin_tiers_and_test_counts(registry: TaskRegistry):
-    tiers = Counter(task.difficulty for task in registry.tasks.values())
+    tiers = Counter(task.difficulty for task in curated(registry))
     assert tiers["easy"] >= 4 and tiers["medium"] >= 6 and tiers["hard"] >= 6
-    for task in registry.tasks.values():
+    for task in curated(registry):
         assert task.source == "curated"
         assert len(task.visible_tests) >= 4, task.task_id
         assert len(task.hidden_tests) >= 8, task.task_id
-    assert any("class " in task.solution for task in registry.tasks.values())
-    assert any("lru" in task.task_id for task in registry.tasks.values())
+    assert any("class " in task.solution for task in curated(registry))
+    assert any("lru" in task.task_id for task in curated(registry))
 
 
 def test_oracle_holds_for_every_task(registry: TaskRegistry):
     """The solution passes everything; the buggy code fails a visible and a hidden test."""
-    for task in registry.tasks.values():
+    for task in curated(registry):
         reference = judge(evaluate_all(task, task.solution), task.expected)
         assert reference.all_passed, task.task_id
         buggy = judge(evaluate_all(task, task.buggy_code), task.expected)
@@ -72,6 +77,9 @@ def evaluate_all(task, code):
 def test_selection_is_deterministic(registry: TaskRegistry):
     picks = [registry.select(seed=s).task_id for s in range(20)]
     assert picks == [registry.select(seed=s).task_id for s in range(20)]
+    for split in ("train", "eval"):
+        task = registry.select(seed=3, difficulty="hard", split=split)
+        assert (task.difficulty, task.split) == ("hard", split)
     assert len(set(picks)) > 3
     for tier in ("easy", "medium", "hard"):
         assert registry.select(seed=5, difficulty=tier).difficulty == tier
@@ -83,7 +91,7 @@ def test_selection_errors_are_clear(registry: TaskRegistry):
     with pytest.raises(TaskSelectionError, match="unknown difficulty 'extreme'"):
         registry.select(difficulty="extreme")
     easy = registry.ids("easy")[0]
-    with pytest.raises(TaskSelectionError, match="is easy, not hard"):
+    with pytest.raises(TaskSelectionError, match="has difficulty easy, not hard"):
         registry.select(task_id=easy, difficulty="hard")
 
 
@@ -112,7 +120,7 @@ def write_pack(tmp_path: Path) -> Path:
 
 
 def test_pack_loads_good_entries_and_reports_bad_ones(tmp_path: Path):
-    registry = load_registry(str(write_pack(tmp_path)))
+    registry = load_registry(str(write_pack(tmp_path)), corpus=None)
     assert "pack_double" in registry.tasks
     assert registry.tasks["pack_double"].source == "my-pack"
     reasons = {str(p) for p in registry.problems}
@@ -134,14 +142,14 @@ def test_pack_loads_good_entries_and_reports_bad_ones(tmp_path: Path):
 
 
 def test_missing_pack_path_is_reported(tmp_path: Path):
-    registry = load_registry(str(tmp_path / "nowhere.jsonl"))
+    registry = load_registry(str(tmp_path / "nowhere.jsonl"), corpus=None)
     assert [p.reason for p in registry.problems] == ["no such file or directory"]
 
 
 def test_cli_validate_exits_nonzero_on_invalid(tmp_path: Path):
     env = {"TRACEFIX_TASKS": str(write_pack(tmp_path)), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "tasks", "validate", "--json"],
+        [sys.executable, "-m", "tasks", "validate", "--json", "--corpus", "none"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -1,0 +1,158 @@
+"""``python -m tasks list|stats|validate|export|generate`` (honours ``TRACEFIX_TASKS``)."""
+
+import models  # noqa: F401  (first: keeps gradio out)
+
+# isort: split
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from sandbox import get_sandbox
+from tasks.generate import (
+    DEFAULT_PER_PROGRAM,
+    DEFAULT_SEED,
+    VALIDATION_LIMITS,
+    generate,
+    write_corpus,
+)
+from tasks.oracle import buggy_verdict, check_buggy
+from tasks.registry import TaskRegistry, load_registry
+from tasks.schema import SOURCE_GENERATED, Task
+from tasks.sources import GENERATED_CORPUS, TASKS_ENV
+
+
+def _row(task: Task) -> dict[str, Any]:
+    return {"task_id": task.task_id, "difficulty": task.difficulty, "split": task.split,
+            "source": task.source, "bug_type": task.bug_type, "program": task.program}  # fmt: skip
+
+
+def _export_entry(task: Task) -> dict[str, Any]:
+    """A task in the pack schema, re-importable through ``TRACEFIX_TASKS``."""
+
+    def tests(items):
+        return [{"name": t.name, "code": t.code} for t in items]
+
+    return {"task_id": task.task_id, "difficulty": task.difficulty,
+            "description": task.description, "entry_point": task.entry_point,
+            "buggy_code": task.buggy_code, "solution": task.solution,
+            "visible_tests": tests(task.visible_tests), "hidden_tests": tests(task.hidden_tests),
+            "bug_type": task.bug_type, "source": task.source, "program": task.program}  # fmt: skip
+
+
+def stats(registry: TaskRegistry) -> dict[str, Any]:
+    tasks = list(registry.tasks.values())
+    count = lambda key: dict(sorted(Counter(getattr(t, key) for t in tasks).items()))  # noqa: E731
+    return {"total": len(tasks), "by_tier": count("difficulty"), "by_split": count("split"),
+            "by_source": count("source"), "by_bug_type": count("bug_type"),
+            "programs": len(registry.programs())}  # fmt: skip
+
+
+def revalidate_generated(registry: TaskRegistry) -> None:
+    """Re-run every generated task in the sandbox (the server trusts the corpus)."""
+    sandbox = get_sandbox()
+    generated = [registry.tasks[i] for i in registry.ids(source=SOURCE_GENERATED)]
+    print(f"re-validating {len(generated)} generated tasks...", file=sys.stderr)
+    with ThreadPoolExecutor(max_workers=int(sandbox.describe().get("workers", 2))) as pool:
+        verdicts = list(pool.map(
+            lambda t: buggy_verdict(t, t.buggy_code, sandbox, VALIDATION_LIMITS), generated
+        ))  # fmt: skip
+    from tasks.schema import TaskProblem
+
+    for task, verdict in zip(generated, verdicts, strict=True):
+        problem = check_buggy(task, verdict)
+        if problem:
+            del registry.tasks[task.task_id]
+            registry.problems.append(TaskProblem(task.origin, problem, task.task_id, task.source))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
+    parser.add_argument("command", choices=["list", "stats", "validate", "export", "generate"])
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--difficulty", help="list/export: only this tier")
+    parser.add_argument("--split", help="list/export: only this split")
+    parser.add_argument("--source", help="list/export: only this source")
+    parser.add_argument("--output", type=Path, help="export/generate: write here")
+    parser.add_argument("--corpus", default=str(GENERATED_CORPUS),
+                        help="generated corpus to load ('none' to skip it)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="generate: seed")
+    parser.add_argument("--per-program", type=int, default=DEFAULT_PER_PROGRAM,
+                        help="generate: tasks kept per reference program")  # fmt: skip
+    args = parser.parse_args(argv)
+    extra = os.environ.get(TASKS_ENV) or None
+
+    if args.command == "generate":
+        started = time.monotonic()
+        registry = load_registry(extra, corpus=None)
+        programs = list(registry.programs().values())
+        print(f"generating from {len(programs)} reference programs...", file=sys.stderr)
+        corpus = generate(
+            programs,
+            get_sandbox(),
+            args.seed,
+            args.per_program,
+            progress=lambda line: print(line, file=sys.stderr, flush=True),
+        )
+        output = args.output or GENERATED_CORPUS
+        write_corpus(output, corpus, args.seed, args.per_program)
+        elapsed = time.monotonic() - started
+        summary = {"generated": len(corpus), "programs": len(programs),
+                   "seconds": round(elapsed, 1), "output": str(output)}  # fmt: skip
+        print(
+            json.dumps(summary)
+            if args.json
+            else f"{len(corpus)} tasks from {len(programs)} programs in {elapsed:.1f}s -> {output}"
+        )
+        return 0
+
+    corpus = None if args.corpus == "none" else Path(args.corpus)
+    registry = load_registry(extra, corpus=corpus)
+    if args.command == "validate":
+        revalidate_generated(registry)
+        invalid = [{"task_id": p.task_id, "source": p.origin, "reason": p.reason}
+                   for p in registry.problems]  # fmt: skip
+        if args.json:
+            print(json.dumps({"valid": len(registry.tasks), "invalid": invalid}, indent=2))
+        else:
+            print(f"{len(registry.tasks)} valid, {len(invalid)} invalid")
+            for problem in registry.problems:
+                print(f"INVALID {problem}")
+        return 1 if invalid else 0
+    if args.command == "stats":
+        facts = stats(registry)
+        if args.json:
+            print(json.dumps(facts, indent=2))
+        else:
+            for key, value in facts.items():
+                print(f"{key}: {value}")
+        return 0
+    selected = [registry.tasks[i] for i in registry.ids(args.difficulty, args.split, args.source)]
+    if args.command == "list":
+        rows = [_row(t) for t in selected]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                print(f"{row['task_id']:56} {row['difficulty']:7} {row['split']:6} "
+                      f"{row['source']:10} {row['bug_type']}")  # fmt: skip
+        return 0
+    lines = "".join(json.dumps(_export_entry(t)) + "\n" for t in selected)
+    if args.output:
+        args.output.write_text(lines)
+        print(f"exported {len(selected)} tasks to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(lines)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    sys.exit(main())

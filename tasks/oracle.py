@@ -1,0 +1,105 @@
+"""The oracle check: expected observations come from running the solution in the sandbox;
+the buggy code must fail at least one visible and one hidden test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from typing import Any
+
+from judge import TIMEOUT_EXCEPTION, Verdict, expected_record, judge, values_equal
+from sandbox import EvalRequest, EvalResult, Limits, SandboxBackend
+from tasks.schema import Task, TaskProblem, TaskTest
+
+FATAL_REFERENCE_ERRORS = (TIMEOUT_EXCEPTION, "MemoryError", "RecursionError")
+
+
+def evaluate(
+    sandbox: SandboxBackend, code: str, tests: tuple[TaskTest, ...], **kw: Any
+) -> EvalResult:
+    """Run ``code`` against ``tests`` in the sandbox (returns the raw ``EvalResult``)."""
+    return sandbox.run(EvalRequest(code=code, tests=tuple(t.code for t in tests), **kw))
+
+
+def program_digest(task: Task) -> str:
+    """Identifies a program's solution, tests and expected values (for caches)."""
+    payload = json.dumps(
+        [task.solution, [t.code for t in task.all_tests], list(task.expected)], sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def reference_run(task: Task, sandbox: SandboxBackend) -> tuple[dict[str, Any], ...] | str:
+    """Expected observations from the solution, or why they cannot be trusted."""
+    tests = task.all_tests
+    reference = evaluate(sandbox, task.solution, tests)
+    records = {r.get("i"): r for r in reference.records}
+    problems = []
+    if reference.timed_out:
+        problems.append("solution timed out")
+    for index, test in enumerate(tests):
+        record = records.get(index)
+        kind = "visible" if index < len(task.visible_tests) else "hidden"
+        if record is None:
+            problems.append(f"solution produced no result for {kind} test {test.name!r}")
+        elif record.get("e") in FATAL_REFERENCE_ERRORS:
+            problems.append(f"solution hit {record['e']} on {kind} test {test.name!r}")
+        elif "v" in record and _contains_unserializable(record["v"]):
+            problems.append(
+                f"{kind} test {test.name!r} returns data that is not builtin "
+                f"({record['v']}); end the test with an expression of builtin types"
+            )
+        elif test.has_given and not ("v" in record and values_equal(record["v"], test.given)):
+            shown = record.get("v", record.get("e"))
+            problems.append(f"solution gives {shown!r} for {kind} test {test.name!r}, but the "
+                            f"task says {test.given!r}")  # fmt: skip
+    if problems:
+        return "; ".join(problems)
+    return tuple(expected_record(records[i]) for i in range(len(tests)))
+
+
+def buggy_verdict(task: Task, code: str, sandbox: SandboxBackend,
+                  limits: Limits | None = None) -> Verdict:  # fmt: skip
+    return judge(evaluate(sandbox, code, task.all_tests, limits=limits), task.expected)
+
+
+def check_buggy(task: Task, verdict: Verdict) -> str | None:
+    """Why ``verdict`` (of the buggy code) makes the task invalid, or None."""
+    visible = len(task.visible_tests)
+    if all(t.passed for t in verdict.tests[:visible]):
+        return "buggy code passes every visible test"
+    if all(t.passed for t in verdict.tests[visible:]):
+        return "buggy code passes every hidden test"
+    if all(not t.passed and (t.detail or "").startswith(("timed out", "no result"))
+           for t in verdict.tests):  # fmt: skip
+        return "buggy code times out on every test"
+    return None
+
+
+def oracle_check(task: Task, sandbox: SandboxBackend) -> Task | TaskProblem:
+    """Compute expected observations from the solution and check the buggy code fails."""
+    expected = reference_run(task, sandbox)
+    if isinstance(expected, str):
+        return TaskProblem(task.origin, expected, task.task_id, task.source)
+    task = replace(task, expected=expected)
+    verdict = buggy_verdict(task, task.buggy_code, sandbox)
+    problem = check_buggy(task, verdict)
+    if problem is not None:
+        return TaskProblem(task.origin, problem, task.task_id, task.source)
+    visible = len(task.visible_tests)
+    return replace(
+        task,
+        buggy_visible_passed=sum(t.passed for t in verdict.tests[:visible]),
+        buggy_all_passed=verdict.passed,
+    )
+
+
+def _contains_unserializable(value: Any) -> bool:
+    if type(value) is list:
+        return any(_contains_unserializable(v) for v in value)
+    if type(value) is dict:
+        if value.get("t") == "unserializable":
+            return True
+        return _contains_unserializable(value.get("v"))
+    return False

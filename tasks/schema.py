@@ -1,0 +1,249 @@
+"""The task schema: what a task file holds, how it is validated, and the in-memory Task."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from models import Difficulty
+from sandbox import canonical
+
+MAX_CODE_CHARS = 20_000
+TEST_NAME_CHARS = 80
+SOURCE_CURATED = "curated"
+SOURCE_GENERATED = "generated"
+
+
+class TaskTestSpec(BaseModel):
+    """A test given as a table with an explicit name."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=TEST_NAME_CHARS)
+    code: str = Field(min_length=1)
+
+
+class CaseSpec(BaseModel):
+    """A QuixBugs-style case: call ``entry_point(*input)``; ``output`` is cross-checked."""
+
+    model_config = ConfigDict(extra="forbid")
+    input: list[Any]
+    output: Any = None
+
+
+TestItem = str | TaskTestSpec | CaseSpec
+
+
+class TaskSpec(BaseModel):
+    """The on-disk schema of one task."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+    difficulty: Difficulty
+    description: str = Field(min_length=1)
+    entry_point: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    buggy_code: str = Field(min_length=1, max_length=MAX_CODE_CHARS)
+    solution: str = Field(min_length=1, max_length=MAX_CODE_CHARS)
+    visible_tests: list[TestItem] = Field(min_length=1)
+    hidden_tests: list[TestItem] = Field(min_length=1)
+    bug_type: str = "unspecified"
+    source: str = "imported"
+    program: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+    @field_validator("buggy_code", "solution")
+    @classmethod
+    def _code_parses(cls, code: str) -> str:
+        try:
+            ast.parse(code)
+        except SyntaxError as exc:
+            raise ValueError(f"does not parse: {exc.msg} (line {exc.lineno})") from None
+        return code
+
+    @field_validator("visible_tests", "hidden_tests")
+    @classmethod
+    def _tests_parse(cls, tests: list[TestItem]) -> list[TestItem]:
+        for position, test in enumerate(tests, 1):
+            if isinstance(test, CaseSpec):
+                continue
+            source = test if isinstance(test, str) else test.code
+            if not source.strip():
+                raise ValueError(f"test {position} is empty")
+            try:
+                ast.parse(source)
+            except SyntaxError as exc:
+                raise ValueError(f"test {position} does not parse: {exc.msg}") from None
+        return tests
+
+
+_NOT_GIVEN: Any = None
+
+
+@dataclass(frozen=True)
+class TaskTest:
+    """A test snippet, the name shown to the agent, and an optional given expected value
+    (canonical form) that the solution must reproduce."""
+
+    __test__ = False  # not a pytest test class
+
+    name: str
+    code: str
+    given: Any = None
+    has_given: bool = False
+
+
+@dataclass(frozen=True)
+class Task:
+    """A validated task with its expected observations and baseline (buggy) results."""
+
+    task_id: str
+    difficulty: str
+    description: str
+    entry_point: str
+    buggy_code: str
+    solution: str
+    visible_tests: tuple[TaskTest, ...]
+    hidden_tests: tuple[TaskTest, ...]
+    bug_type: str
+    source: str
+    origin: str
+    program: str = ""
+    split: str = ""
+    features: dict[str, Any] = field(default_factory=dict)
+    expected: tuple[dict[str, Any], ...] = ()
+    buggy_visible_passed: int = 0
+    buggy_all_passed: int = 0
+
+    @property
+    def all_tests(self) -> tuple[TaskTest, ...]:
+        return self.visible_tests + self.hidden_tests
+
+    @property
+    def expected_visible(self) -> tuple[dict[str, Any], ...]:
+        return self.expected[: len(self.visible_tests)]
+
+
+@dataclass(frozen=True)
+class TaskProblem:
+    """Why a task entry was rejected."""
+
+    origin: str
+    reason: str
+    task_id: str | None = None
+    source: str | None = None
+
+    def __str__(self) -> str:
+        who = f" [{self.task_id}]" if self.task_id else ""
+        return f"{self.origin}{who}: {self.reason}"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        parts.append(f"{where or 'entry'}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def _assert_candidate(source: str, entry_point: str) -> TaskTest | None:
+    """``assert candidate(...) == X`` (HumanEvalFix style) as a value test with X given."""
+    try:
+        tree = ast.parse(source.strip())
+    except SyntaxError:
+        return None
+    if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assert):
+        return None
+    test = tree.body[0].test
+    uses_candidate = any(isinstance(n, ast.Name) and n.id == "candidate" for n in ast.walk(test))
+    if not uses_candidate:
+        return None
+    expression, given = test, True
+    if isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq):
+        try:
+            given = ast.literal_eval(test.comparators[0])
+        except ValueError:
+            return None
+        expression = test.left
+    elif isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+        expression, given = test.operand, False
+    call = ast.unparse(expression)
+    code = f"candidate = {entry_point}\n{call}"
+    if given is True or given is False:
+        code = f"candidate = {entry_point}\nbool({call})"
+    name = call if len(call) <= TEST_NAME_CHARS else call[: TEST_NAME_CHARS - 3] + "..."
+    return TaskTest(name, code, canonical(given), True)
+
+
+def convert_tests(items: Iterable[TestItem], entry_point: str, prefix: str) -> tuple[TaskTest, ...]:
+    """Turn schema test items into TaskTests (JSON cases and assert lines included)."""
+    tests = []
+    for position, item in enumerate(items, 1):
+        if isinstance(item, TaskTestSpec):
+            tests.append(TaskTest(item.name, item.code))
+            continue
+        if isinstance(item, CaseSpec):
+            call = f"{entry_point}(*{item.input!r})"
+            name = call if len(call) <= TEST_NAME_CHARS else f"{prefix}_{position}"
+            tests.append(TaskTest(name, call, canonical(item.output), True))
+            continue
+        converted = _assert_candidate(item, entry_point)
+        if converted is not None:
+            tests.append(converted)
+            continue
+        source = item.strip("\n")
+        single = "\n" not in source.strip() and len(source.strip()) <= TEST_NAME_CHARS
+        tests.append(TaskTest(source.strip() if single else f"{prefix}_{position}", source))
+    return tuple(tests)
+
+
+def defines(code: str, name: str) -> bool:
+    """``code`` defines ``name`` at module level (function, class or assignment)."""
+    tree = ast.parse(code)
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            if node.name == name:
+                return True
+        elif isinstance(node, ast.Assign) and any(
+            isinstance(t, ast.Name) and t.id == name for t in node.targets
+        ):
+            return True
+    return False
+
+
+def parse_task(origin: str, raw: Any) -> Task | TaskProblem:
+    """Validate one raw entry against the schema (no code is run)."""
+    if isinstance(raw, Exception):
+        return TaskProblem(origin, str(raw))
+    if not isinstance(raw, dict):
+        return TaskProblem(origin, f"a task must be an object, got {type(raw).__name__}")
+    task_id = raw.get("task_id") if isinstance(raw.get("task_id"), str) else None
+    source = raw.get("source") if isinstance(raw.get("source"), str) else None
+    try:
+        spec = TaskSpec.model_validate(raw)
+    except ValidationError as exc:
+        return TaskProblem(origin, format_validation_error(exc), task_id, source)
+    for label, code in (("solution", spec.solution), ("buggy_code", spec.buggy_code)):
+        if not defines(code, spec.entry_point):
+            return TaskProblem(
+                origin, f"{label} does not define entry_point {spec.entry_point!r}", task_id,
+                source,
+            )  # fmt: skip
+    if spec.buggy_code.strip() == spec.solution.strip():
+        return TaskProblem(origin, "buggy_code is identical to solution", task_id, source)
+    return Task(
+        task_id=spec.task_id,
+        difficulty=spec.difficulty,
+        description=spec.description.strip(),
+        entry_point=spec.entry_point,
+        buggy_code=spec.buggy_code.strip("\n") + "\n",
+        solution=spec.solution.strip("\n") + "\n",
+        visible_tests=convert_tests(spec.visible_tests, spec.entry_point, "visible"),
+        hidden_tests=convert_tests(spec.hidden_tests, spec.entry_point, "hidden"),
+        bug_type=spec.bug_type,
+        source=spec.source,
+        origin=origin,
+        program=spec.program or spec.task_id,
+    )
