@@ -25,7 +25,7 @@ from tasks.generate import (
 )
 from tasks.oracle import buggy_verdict, check_buggy
 from tasks.registry import TaskRegistry, load_registry
-from tasks.schema import SOURCE_GENERATED, Task
+from tasks.schema import SOURCE_GENERATED, Task, TaskProblem
 from tasks.sources import GENERATED_CORPUS, TASKS_ENV
 
 
@@ -49,7 +49,10 @@ def _export_entry(task: Task) -> dict[str, Any]:
 
 def stats(registry: TaskRegistry) -> dict[str, Any]:
     tasks = list(registry.tasks.values())
-    count = lambda key: dict(sorted(Counter(getattr(t, key) for t in tasks).items()))  # noqa: E731
+
+    def count(key: str) -> dict[str, int]:
+        return dict(sorted(Counter(getattr(t, key) for t in tasks).items()))
+
     return {"total": len(tasks), "by_tier": count("difficulty"), "by_split": count("split"),
             "by_source": count("source"), "by_bug_type": count("bug_type"),
             "programs": len(registry.programs())}  # fmt: skip
@@ -64,8 +67,6 @@ def revalidate_generated(registry: TaskRegistry) -> None:
         verdicts = list(pool.map(
             lambda t: buggy_verdict(t, t.buggy_code, sandbox, VALIDATION_LIMITS), generated
         ))  # fmt: skip
-    from tasks.schema import TaskProblem
-
     for task, verdict in zip(generated, verdicts, strict=True):
         problem = check_buggy(task, verdict)
         if problem:

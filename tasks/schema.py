@@ -79,9 +79,6 @@ class TaskSpec(BaseModel):
         return tests
 
 
-_NOT_GIVEN: Any = None
-
-
 @dataclass(frozen=True)
 class TaskTest:
     """A test snippet, the name shown to the agent, and an optional given expected value
