@@ -548,6 +548,9 @@ def test_payload(world: World, payload: Payload):
         time.sleep(0.1)
         facts = health(world)
     canary_check(world)
+    deadline = time.monotonic() + 5  # workers SIGKILL the child, answer, then reap it
+    while leftover_processes(world) and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert leftover_processes(world) == []
     deadline = time.monotonic() + 5  # workers remove a workdir right after answering
     while list(world.root.rglob("run-*")) and time.monotonic() < deadline:
