@@ -151,6 +151,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         self._task: Task | None = None
         self._state = TraceFixState(max_steps=default_max_steps())
         self._evaluating = threading.Lock()  # at most one evaluation in flight per episode
+        self._parsed: tuple[str, tuple[int | None, str] | None] | None = None
 
     # -- public API ---------------------------------------------------------------------
 
@@ -401,7 +402,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
     def _grade_all(self) -> Verdict:
         assert self._task is not None
         code = self._code()
-        if syntax_error_of(code) is not None:
+        if self._syntax_problem(code) is not None:
             return self._syntax_verdict(len(self._task.all_tests))
         for attempt in range(GRADING_ATTEMPTS):
             try:
@@ -420,7 +421,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         if self._measured is not None and self._measured_code == code:
             return self._measured
         task = self._task
-        if (problem := syntax_error_of(code)) is not None:
+        if (problem := self._syntax_problem(code)) is not None:
             verdict = self._syntax_verdict(len(task.visible_tests), problem)
             measured = (verdict, "")
         else:
@@ -434,7 +435,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         return measured
 
     def _syntax_verdict(self, count: int, problem: tuple[int | None, str] | None = None) -> Verdict:
-        line, message = problem or syntax_error_of(self._code()) or (None, "SyntaxError")
+        line, message = problem or self._syntax_problem(self._code()) or (None, "SyntaxError")
         return Verdict(tests=(TestVerdict(False, message, line),) * count)
 
     def _visible_results(self, verdict: Verdict) -> list[TestResult]:
@@ -448,6 +449,13 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
 
     def _code(self) -> str:
         return "\n".join(self._lines) + "\n"
+
+    def _syntax_problem(self, code: str) -> tuple[int | None, str] | None:
+        """``syntax_error_of(code)``, remembered for the last code seen (every observation
+        asks, and parsing a long program costs about a millisecond)."""
+        if self._parsed is None or self._parsed[0] != code:
+            self._parsed = (code, syntax_error_of(code))
+        return self._parsed[1]
 
     def _push_history(self) -> None:
         self._history.append(list(self._lines))
@@ -478,7 +486,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
                 done=False, reward=0.0, last_action_error=self._error, reward_last_step=0.0
             )
         reward = round(reward, REWARD_DIGITS)
-        problem = syntax_error_of(self._code())
+        problem = self._syntax_problem(self._code())
         first, last, focus = self._focus or (1, len(self._lines), None)
         if problem is not None and problem[0] is not None and self._focus is None:
             first, last, focus = self._window_around(problem[0])

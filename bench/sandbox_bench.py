@@ -1,38 +1,36 @@
-"""Sandbox benchmark: RUN_TESTS latency and evaluations/s, beside a bare ``os.fork`` floor.
+"""Sandbox benchmark: RUN_TESTS latency and evaluations/s, beside a bare ``os.fork`` floor
+and a TraceFix-style ``multiprocessing.Process``-per-run baseline, all in one run.
 
     uv run python bench/sandbox_bench.py [--quick]
 
 Writes ``bench/results/sandbox.json`` and prints a table. Everything is measured in one run
-on this machine, so ratios (sandboxed latency / fork floor) are meaningful even when the
-machine is noisy; absolute numbers are not comparable across machines.
+on this machine, so ratios (sandboxed latency / fork floor, / baseline) are meaningful even
+when the machine is noisy; absolute numbers are not comparable across machines.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import multiprocessing
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from common import REPO, write_result
 
-import models  # noqa: E402,F401  (first: keeps gradio out)
+import models  # noqa: F401  (before openenv: keeps gradio out)
 
 # isort: split
 
-from environment import TraceFixEnvironment  # noqa: E402
-from models import TraceFixAction  # noqa: E402
-from sandbox import EvalRequest, get_sandbox  # noqa: E402
-from tasks import get_registry  # noqa: E402
+from environment import TraceFixEnvironment
+from models import TraceFixAction
+from sandbox import EvalRequest, ZygotePool, get_sandbox
+from tasks import get_registry
 
-RESULTS = REPO / "bench" / "results"
 TIER_TASKS = {
     "easy": "sum_of_evens_wrong_modulus",
     "medium": "merge_sort_wrong_tail_index",
@@ -47,11 +45,12 @@ samples = []
 for _ in range(int(sys.argv[1])):
     start = time.perf_counter()
     read_end, write_end = os.pipe()
+    compiled = harness.precompile_tests(request["tests"])
     pid = os.fork()
     if pid == 0:
         os.close(read_end)
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-        harness.run_tests(request, write_end)
+        harness.run_tests(request, write_end, compiled)
     os.close(write_end)
     while os.read(read_end, 65536):
         pass
@@ -131,9 +130,45 @@ def run_tests_latency(task_id: str, n: int) -> dict[str, float]:
     return summarize(samples)
 
 
-def throughput(concurrency: int, seconds: float) -> dict[str, float]:
+def _tracefix_child(code: str, tests: list[str], results: multiprocessing.Queue) -> None:
+    """TraceFix-RL's child: exec the code, then each test into the same namespace."""
+    namespace: dict = {}
+    outcomes = []
+    try:
+        exec(compile(code, "<solution>", "exec"), namespace)
+        for source in tests:
+            try:
+                exec(compile(source, "<test>", "exec"), namespace)
+                outcomes.append((True, ""))
+            except Exception as exc:  # noqa: BLE001 - a failing test is a result
+                outcomes.append((False, repr(exc)))
+    except Exception as exc:  # noqa: BLE001
+        outcomes.append((False, repr(exc)))
+    results.put(outcomes)
+
+
+def tracefix_baseline(task_id: str, n: int) -> dict[str, float]:
+    """TraceFix-style process-per-run: a ``multiprocessing`` fork Process of this (server-
+    sized) process per evaluation, results through a Queue, ``join`` with a 5 s timeout."""
+    task = get_registry().tasks[task_id]
+    tests = [t.code for t in task.visible_tests]
+    context = multiprocessing.get_context("fork")
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        results = context.Queue()
+        process = context.Process(target=_tracefix_child, args=(task.solution, tests, results))
+        process.start()
+        outcomes = results.get(timeout=5)
+        process.join(5)
+        results.close()
+        samples.append((time.perf_counter() - start) * 1000)
+        assert len(outcomes) == len(tests)
+    return summarize(samples)
+
+
+def throughput(sandbox, concurrency: int, seconds: float) -> dict[str, float]:
     """Evaluations/s of the easy task's visible tests with ``concurrency`` client threads."""
-    sandbox = get_sandbox()
     task = get_registry().tasks[TIER_TASKS["easy"]]
     request = EvalRequest(code=task.solution, tests=tuple(t.code for t in task.visible_tests))
     count = [0] * concurrency
@@ -156,45 +191,72 @@ def throughput(concurrency: int, seconds: float) -> dict[str, float]:
             "per_second": round(sum(count) / elapsed, 1)}  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
-    args = parser.parse_args()
-    n, seconds = (50, 1.0) if args.quick else (300, 4.0)
+def worker_sweep(counts: tuple[int, ...], seconds: float) -> list[dict[str, float]]:
+    """Evaluations/s against pools of each size, with 8 client threads."""
+    rows = []
+    for workers in counts:
+        pool = ZygotePool(workers=workers)
+        try:
+            rows.append({"workers": workers, **throughput(pool, 8, seconds)})
+        finally:
+            pool.close()
+    return rows
+
+
+def rss_mib() -> float:
+    status = Path("/proc/self/status").read_text()
+    return round(int(status.split("VmRSS:")[1].split()[0]) / 1024, 1)
+
+
+def run(quick: bool = False) -> dict:
+    """Measure everything; write and return the report."""
+    n, seconds = (50, 1.0) if quick else (300, 3.0)
     sandbox = get_sandbox()
     print(f"sandbox layers: {sandbox.describe()['layers']}", file=sys.stderr)
     bare = fork_floor(n)
     floors = {tier: eval_floor(task, n) for tier, task in TIER_TASKS.items()}
     latency = {tier: run_tests_latency(task, n) for tier, task in TIER_TASKS.items()}
-    rates = [throughput(c, seconds) for c in (1, 2, 4, 8)]
-    report = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": __import__("os").cpu_count(),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },  # fmt: skip
+    parent_rss = rss_mib()
+    baseline = {tier: tracefix_baseline(task, n) for tier, task in TIER_TASKS.items()}
+    rates = [throughput(sandbox, c, seconds) for c in (1, 2, 4, 8)]
+    workers = worker_sweep((1, 2, 3, 4), seconds)
+    report = write_result("sandbox", {
         "sandbox": sandbox.describe(),
         "bare_fork": bare,
         "fork_floor": floors,
         "run_tests": latency,
+        "tracefix_baseline": {"parent_rss_mib": parent_rss, **baseline},
         "ratio_p50_to_fork_floor": {
             tier: round(stats["p50_ms"] / floors[tier]["p50_ms"], 2)
             for tier, stats in latency.items()
         },
+        "ratio_p50_to_tracefix_baseline": {
+            tier: round(stats["p50_ms"] / baseline[tier]["p50_ms"], 2)
+            for tier, stats in latency.items()
+        },
         "throughput": rates,
-    }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sandbox.json").write_text(json.dumps(report, indent=2) + "\n")
+        "throughput_by_workers": workers,
+    })  # fmt: skip
     print(f"bare fork+exit+wait: p50 {bare['p50_ms']} ms, p99 {bare['p99_ms']} ms")
     for tier, stats in latency.items():
-        ratio = report["ratio_p50_to_fork_floor"][tier]
+        to_floor = report["ratio_p50_to_fork_floor"][tier]
+        to_baseline = report["ratio_p50_to_tracefix_baseline"][tier]
         print(f"{tier:6} ({TIER_TASKS[tier]}): RUN_TESTS p50 {stats['p50_ms']} ms, "
-              f"p99 {stats['p99_ms']} ms; fork floor p50 {floors[tier]['p50_ms']} ms; "
-              f"ratio {ratio}x")  # fmt: skip
+              f"p99 {stats['p99_ms']} ms; fork floor p50 {floors[tier]['p50_ms']} ms "
+              f"({to_floor}x); TraceFix-style p50 {baseline[tier]['p50_ms']} ms "
+              f"({to_baseline}x)")  # fmt: skip
     for rate in rates:
         print(f"concurrency {rate['concurrency']}: {rate['per_second']} evaluations/s")
+    for row in workers:
+        print(f"{row['workers']} workers: {row['per_second']} evaluations/s")
     sandbox.close()
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
+    run(parser.parse_args().quick)
 
 
 if __name__ == "__main__":

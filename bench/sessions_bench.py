@@ -1,12 +1,15 @@
-"""Concurrent WebSocket sessions, the way an RL trainer drives the server.
+"""Concurrent sessions, the way an RL trainer drives the server.
 
-    uv run python bench/sessions_bench.py --sessions 64 256 512 [--steps 20]
+    uv run python bench/sessions_bench.py [--sessions 64 256 512] [--http 64 256] [--steps 20]
 
-For each N: start a server (MAX_CONCURRENT_ENVS = N + 8), open N sessions with the typed
-client, reset each (distinct seeds), measure the server's RSS with N idle sessions, then let
-every session play ``--steps`` mixed steps (VIEW_CODE, REPLACE_LINES, RUN_TESTS, UNDO_EDIT,
-..., SUBMIT). Reports per-action P50/P99 latency, errors, RSS and RSS per idle session, and
-the server's CPU utilisation. Writes ``bench/results/sessions.json``.
+For each N: start a server (room for N sessions), open N sessions, reset each (distinct
+seeds), measure the server's RSS with N idle sessions, then let every session play
+``--steps`` mixed steps (VIEW_CODE, REPLACE_LINES, RUN_TESTS, UNDO_EDIT, ..., SUBMIT).
+``--sessions`` runs go through openenv's typed WebSocket client (``client.TraceFixEnv``);
+``--http`` runs use stateful HTTP episodes (``POST /reset``, then ``POST /step`` with the
+``episode_id``). Reports per-action P50/P99 latency, errors (including ERROR lines in the
+server's log), RSS and RSS per idle session, and CPU use of the server (with its sandbox
+workers) and of this client. Writes ``bench/results/sessions.json``.
 """
 
 from __future__ import annotations
@@ -15,52 +18,27 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
-from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
+from common import REPO, free_port, stop_process, write_result
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-import models  # noqa: E402,F401  (first: keeps gradio out)
+import models  # noqa: F401  (before openenv: keeps gradio out)
 
 # isort: split
 
-from client import TraceFixEnv  # noqa: E402
-from models import TraceFixAction  # noqa: E402
+from client import TraceFixEnv
+from models import TraceFixAction
 
-RESULTS = REPO / "bench" / "results"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rss_kb(pid: int) -> int:
-    """Resident memory of ``pid`` plus its children (the sandbox workers), in KiB."""
-    total = 0
-    for candidate in [pid] + children(pid):
-        try:
-            status = Path(f"/proc/{candidate}/status").read_text()
-            total += int(status.split("VmRSS:")[1].split()[0])
-        except (OSError, IndexError):
-            pass
-    return total
-
-
-def server_rss_kb(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(status.split("VmRSS:")[1].split()[0])
+STEP_TIMEOUT_S = 600.0
+SERVER_ERROR_MARKERS = ("ERROR", "Traceback")
 
 
 def children(pid: int) -> list[int]:
@@ -76,12 +54,19 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def rss_kb(pid: int) -> int:
+    """Resident memory of one process, in KiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmRSS:")[1].split()[0])
+
+
 def cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its children (the sandbox workers and what they reaped)."""
     total = 0.0
     for candidate in [pid] + children(pid):
         try:
             fields = Path(f"/proc/{candidate}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            total += sum(int(f) for f in fields[11:15]) / CLOCK_TICKS
         except (OSError, IndexError):
             pass
     return total
@@ -113,114 +98,208 @@ def plan(index: int, steps: int, lines: int) -> list[TraceFixAction]:
     return actions
 
 
-async def run_sessions(url: str, sessions: int, steps: int, pid: int) -> dict:
-    clients = [TraceFixEnv(base_url=url, message_timeout_s=600) for _ in range(sessions)]
+class Outcome:
+    """What the benchmark needs from one observation."""
+
+    def __init__(self, lines: int, error: str | None, done: bool, score: float | None) -> None:
+        self.lines, self.error, self.done, self.score = lines, error, done, score
+
+
+class WsSession:
+    """One episode over ``/ws`` through openenv's typed client."""
+
+    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+        self.client = TraceFixEnv(base_url=url, message_timeout_s=STEP_TIMEOUT_S)
+
+    async def reset(self, seed: int) -> Outcome:
+        await self.client.connect()
+        return self._outcome(await self.client.reset(seed=seed))
+
+    async def step(self, action: TraceFixAction) -> Outcome:
+        return self._outcome(await self.client.step(action))
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    @staticmethod
+    def _outcome(result: Any) -> Outcome:
+        obs = result.observation
+        return Outcome(len(obs.code_dict), obs.last_action_error, result.done, obs.score)
+
+
+class HttpSession:
+    """One stateful HTTP episode: ``/reset``, then ``/step`` with its ``episode_id``."""
+
+    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+        self.http = http
+        self.episode_id: str | None = None
+
+    async def reset(self, seed: int) -> Outcome:
+        body = await self._post("/reset", {"seed": seed})
+        self.episode_id = body["observation"]["episode_id"]
+        return self._outcome(body)
+
+    async def step(self, action: TraceFixAction) -> Outcome:
+        payload = {"action": action.model_dump(exclude_none=True, exclude={"metadata"}),
+                   "episode_id": self.episode_id}  # fmt: skip
+        return self._outcome(await self._post("/step", payload))
+
+    async def close(self) -> None:
+        return None
+
+    async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
+        response = await self.http.post(path, json=payload)
+        if response.status_code != 200:
+            raise RuntimeError(f"{path}: HTTP {response.status_code} {response.text[:200]}")
+        return response.json()
+
+    @staticmethod
+    def _outcome(body: dict[str, Any]) -> Outcome:
+        obs = body["observation"]
+        return Outcome(
+            len(obs["code_dict"]), obs.get("last_action_error"), body["done"], obs.get("score")
+        )
+
+
+TRANSPORTS = {"ws": WsSession, "http": HttpSession}
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid: int) -> dict:
+    limits = httpx.Limits(max_connections=sessions, max_keepalive_connections=sessions)
+    http = httpx.AsyncClient(base_url=url, timeout=STEP_TIMEOUT_S, limits=limits)
+    players = [TRANSPORTS[transport](url, http) for _ in range(sessions)]
     errors: list[str] = []
     latencies: dict[str, list[float]] = defaultdict(list)
     completed = 0
 
-    async def connect_and_reset(index: int, client: TraceFixEnv):
-        await client.connect()
+    async def reset(index: int, player: Any) -> Outcome:
         start = time.perf_counter()
-        result = await client.reset(seed=index, source="bench")
+        outcome = await player.reset(seed=index)
         latencies["RESET"].append((time.perf_counter() - start) * 1000)
-        return result
+        return outcome
 
-    before = rss_kb(pid)
-    server_before = server_rss_kb(pid)
-    results = await asyncio.gather(*(connect_and_reset(i, c) for i, c in enumerate(clients)),
-                                   return_exceptions=True)  # fmt: skip
-    errors += [f"reset: {r!r}" for r in results if isinstance(r, BaseException)]
-    idle_rss, server_idle = rss_kb(pid), server_rss_kb(pid)
+    server_before = rss_kb(pid)
+    firsts = await asyncio.gather(*(reset(i, p) for i, p in enumerate(players)),
+                                  return_exceptions=True)  # fmt: skip
+    errors += [f"reset: {r!r}" for r in firsts if isinstance(r, BaseException)]
+    server_idle = rss_kb(pid)
     cpu_before, wall_before = cpu_seconds(pid), time.monotonic()
+    client_before = time.process_time()
 
-    async def play(index: int, client: TraceFixEnv, first) -> None:
+    async def play(index: int, player: Any, first: Outcome) -> None:
         nonlocal completed
-        lines = len(first.observation.code_dict)
+        lines, outcome = first.lines, first
         for action in plan(index, steps, lines):
             start = time.perf_counter()
-            result = await client.step(action)
+            outcome = await player.step(action)
             latencies[action.action_type].append((time.perf_counter() - start) * 1000)
-            if action.action_type == "REPLACE_LINES" and not result.observation.last_action_error:
+            if action.action_type == "REPLACE_LINES" and not outcome.error:
                 lines += 1
-            if action.action_type == "UNDO_EDIT" and not result.observation.last_action_error:
+            if action.action_type == "UNDO_EDIT" and not outcome.error:
                 lines -= 1
-            if result.done:
+            if outcome.done:
                 break
-        if result.done and result.observation.score is not None:
+        if outcome.done and outcome.score is not None:
             completed += 1
         else:
             errors.append(f"session {index} did not finish")
 
-    playing = [play(i, c, r) for i, (c, r) in enumerate(zip(clients, results, strict=True))
+    playing = [play(i, p, r) for i, (p, r) in enumerate(zip(players, firsts, strict=True))
                if not isinstance(r, BaseException)]  # fmt: skip
     outcomes = await asyncio.gather(*playing, return_exceptions=True)
     errors += [f"step: {o!r}" for o in outcomes if isinstance(o, BaseException)]
     wall = time.monotonic() - wall_before
-    cpu = cpu_seconds(pid) - cpu_before
-    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-
-    def pct(values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-
+    server_cpu = cpu_seconds(pid) - cpu_before
+    client_cpu = time.process_time() - client_before
+    await asyncio.gather(*(p.close() for p in players), return_exceptions=True)
+    await http.aclose()
+    cpus = os.cpu_count() or 1
     return {
+        "transport": transport,
         "sessions": sessions,
         "steps_per_session": steps,
         "completed": completed,
         "errors": len(errors),
         "error_samples": errors[:5],
         "latency_ms": {
-            kind: {"n": len(v), "p50": pct(v, 0.5), "p99": pct(v, 0.99)}
+            kind: {"n": len(v), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}
             for kind, v in sorted(latencies.items())
         },  # fmt: skip
-        "rss_kb_before": before,
-        "rss_kb_idle_sessions": idle_rss,
+        "server_rss_kb_before": server_before,
+        "server_rss_kb_idle_sessions": server_idle,
         "server_rss_kb_per_idle_session": round((server_idle - server_before) / sessions, 1),
         "play_wall_s": round(wall, 1),
-        "cpu_utilisation": round(cpu / wall / (os.cpu_count() or 1), 2),
+        "steps_per_s": round(sum(len(v) for k, v in latencies.items() if k != "RESET") / wall),
+        "server_cpu_utilisation": round(server_cpu / wall / cpus, 2),
+        "client_cpu_utilisation": round(client_cpu / wall / cpus, 2),
     }
 
 
-def bench(sessions: int, steps: int) -> dict:
-    port = free_port()
-    env = {**os.environ, "MAX_CONCURRENT_ENVS": str(sessions + 8), "LOG_LEVEL": "WARNING",
-           "SANDBOX_QUEUE_TIMEOUT_S": "600"}  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "server.app", "--host", "127.0.0.1",
-                               "--port", str(port)], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)  # fmt: skip
+async def _when_healthy(server: subprocess.Popen, port: int, transport: str, sessions: int,
+                        steps: int) -> dict:  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 120
+    async with httpx.AsyncClient(base_url=url, timeout=2) as probe:
         while True:
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if (await probe.get("/health")).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("server did not start")
-            time.sleep(0.2)
-        return asyncio.run(run_sessions(url, sessions, steps, server.pid))
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+            await asyncio.sleep(0.1)
+    return await run_sessions(url, transport, sessions, steps, server.pid)
+
+
+def bench(sessions: int, steps: int, transport: str = "ws") -> dict:
+    """Start a server sized for ``sessions``, run them, stop it; one result row."""
+    port = free_port()
+    env = {**os.environ, "MAX_CONCURRENT_ENVS": str(sessions + 8),
+           "HTTP_MAX_EPISODES": str(sessions + 8), "LOG_LEVEL": "WARNING",
+           "SANDBOX_QUEUE_TIMEOUT_S": str(STEP_TIMEOUT_S)}  # fmt: skip
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen([sys.executable, "-m", "server.app", "--host", "127.0.0.1",
+                                   "--port", str(port)], cwd=REPO, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  start_new_session=True)  # fmt: skip
+        try:
+            result = asyncio.run(_when_healthy(server, port, transport, sessions, steps))
+        finally:
+            stop_process(server)
+        log.seek(0)
+        lines = log.read().decode(errors="replace").splitlines()
+    bad = [line for line in lines if any(m in line for m in SERVER_ERROR_MARKERS)]
+    result["server_error_lines"] = len(bad)
+    result["server_error_samples"] = bad[:3]
+    return result
+
+
+def run(ws: list[int], http: list[int], steps: int) -> dict:
+    """Every requested run, written to ``bench/results/sessions.json``."""
+    runs = []
+    for transport, counts in (("ws", ws), ("http", http)):
+        for sessions in counts:
+            print(f"sessions: {sessions} over {transport}...", file=sys.stderr, flush=True)
+            runs.append(bench(sessions, steps, transport))
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    return write_result("sessions", {"steps_per_session": steps, "runs": runs})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sessions", type=int, nargs="+", default=[64, 256, 512])
+    parser.add_argument("--sessions", type=int, nargs="*", default=[64, 256, 512],
+                        help="WebSocket session counts")  # fmt: skip
+    parser.add_argument("--http", type=int, nargs="*", default=[64, 256],
+                        help="HTTP episode counts")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cpus": os.cpu_count(),
-              "runs": []}  # fmt: skip
-    for sessions in args.sessions:
-        result = bench(sessions, args.steps)
-        report["runs"].append(result)
-        print(json.dumps(result), flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "sessions.json").write_text(json.dumps(report, indent=2) + "\n")
+    run(args.sessions, args.http, args.steps)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from sandbox.pool import FairSlots, ZygotePool
 
 __all__ = [
     "EvalRequest", "EvalResult", "FairSlots", "Limits", "SandboxBackend", "SandboxBusy",
-    "SandboxUnavailable", "TestTimeout", "ZygotePool", "canonical", "get_sandbox",
+    "SandboxUnavailable", "TestTimeout", "ZygotePool", "canonical", "get_sandbox", "prewarm",
 ]  # fmt: skip
 
 _TRUE = ("1", "true", "yes")
@@ -63,3 +63,19 @@ def get_sandbox() -> SandboxBackend:
         if _default is None:
             _default = sandbox_from_env()
         return _default
+
+
+def prewarm() -> threading.Thread:
+    """Start the process-wide sandbox in a background thread, so its workers boot while the
+    caller goes on importing; ``get_sandbox()`` then waits for it. A failure is left for the
+    next ``get_sandbox()`` call to raise."""
+
+    def start() -> None:
+        try:
+            get_sandbox()
+        except Exception:  # noqa: BLE001 - get_sandbox() raises it again where it matters
+            pass
+
+    thread = threading.Thread(target=start, name="sandbox-prewarm", daemon=True)
+    thread.start()
+    return thread

@@ -121,6 +121,30 @@ def _compile_test(source: str) -> tuple[Any, Any]:
     return body, expr
 
 
+_compiled_tests: dict[str, tuple[Any, Any]] = {}
+COMPILED_TESTS_MAX = 4096
+
+
+def precompile_tests(sources: list[str]) -> list[tuple[Any, Any] | None]:
+    """Compiled tests for ``run_tests``, cached by source (called in the zygote, before the
+    fork, so children skip parsing; tests are task data, never the agent's code). A test
+    that does not compile maps to None and fails in the child, where errors are reported."""
+    compiled = []
+    for source in sources:
+        entry = _compiled_tests.get(source)
+        if entry is None:
+            try:
+                entry = _compile_test(source)
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
+                compiled.append(None)
+                continue
+            if len(_compiled_tests) >= COMPILED_TESTS_MAX:
+                _compiled_tests.clear()
+            _compiled_tests[source] = entry
+        compiled.append(entry)
+    return compiled
+
+
 def _solution_line(tb: Any) -> int | None:
     line = None
     while tb is not None:
@@ -130,10 +154,13 @@ def _solution_line(tb: Any) -> int | None:
     return line
 
 
-def run_tests(request: dict[str, Any], fd: int) -> None:
+def run_tests(
+    request: dict[str, Any], fd: int, compiled: list[tuple[Any, Any] | None] | None = None
+) -> None:
     """Evaluate ``request`` (code, tests, labels, limits) and stream records to ``fd``.
 
-    Runs in the sandboxed child after every layer is in place; never returns.
+    ``compiled`` holds ``precompile_tests(request["tests"])`` when the caller has it. Runs
+    in the sandboxed child after every layer is in place; never returns.
     """
     write = _write
     dumps = _dumps
@@ -167,7 +194,8 @@ def run_tests(request: dict[str, Any], fd: int) -> None:
             try:
                 if code_error is not None:
                     raise code_error
-                body, expr = _compile_test(source)
+                entry = compiled[index] if compiled is not None else None
+                body, expr = entry if entry is not None else _compile_test(source)
                 namespace: dict[str, Any] = {"__name__": "solution", "__builtins__": builtins}
                 exec(code, namespace)
                 exec(body, namespace)

@@ -110,8 +110,17 @@ class _Worker:
             cwd="/",
             close_fds=True,
         )
-        hello = self._receive(time.monotonic() + HELLO_TIMEOUT_S)
-        self.layers: dict[str, Any] = hello["layers"]
+        self.layers: dict[str, Any] = {}
+
+    def handshake(self) -> _Worker:
+        """Wait for the zygote's hello (its probed isolation layers); returns ``self``."""
+        try:
+            hello = self._receive(time.monotonic() + HELLO_TIMEOUT_S)
+        except WorkerDied:
+            self.kill()
+            raise
+        self.layers = hello["layers"]
+        return self
 
     @property
     def alive(self) -> bool:
@@ -218,12 +227,15 @@ class ZygotePool:
         self.in_flight = 0
         self.evaluations = 0
         self.respawns = 0
-        first = self._spawn()
-        self.layers = dict(first.layers)
+        started = [self._launch() for _ in range(self.size)]  # they boot in parallel
+        try:
+            self._idle.extend(worker.handshake() for worker in started)
+        except WorkerDied:
+            for worker in started:
+                worker.kill()
+            raise
+        self.layers = dict(self._idle[0].layers)
         self._check_isolation(allow_degraded)
-        self._idle.append(first)
-        for _ in range(self.size - 1):
-            self._idle.append(self._spawn())
         log.info("sandbox: %d workers, layers %s", self.size, self.enforced())
 
     # -- isolation policy -------------------------------------------------------------------
@@ -265,11 +277,14 @@ class ZygotePool:
 
     # -- workers ----------------------------------------------------------------------------
 
-    def _spawn(self) -> _Worker:
+    def _launch(self) -> _Worker:
         with self._lock:
             self._counter += 1
             number = self._counter
         return _Worker(os.path.join(self.root, f"w{number}"), self._options)
+
+    def _spawn(self) -> _Worker:
+        return self._launch().handshake()
 
     def _replace_in_background(self, dead: _Worker) -> None:
         def respawn() -> None:

@@ -234,13 +234,14 @@ def evaluate(config: Config, request: dict, pending: Evaluation | None = None) -
     out_fd = os.memfd_create("sandbox-output", os.MFD_CLOEXEC)
     rec_r, rec_w = os.pipe()
     start = time.monotonic()
+    compiled = harness.precompile_tests(request["tests"])
     pid = os.fork()
     if pid == 0:
         try:
             os.close(rec_r)
             if _setup_child(config, workdir, out_fd, rec_w, limits):
                 os._exit(CHILD_SETUP_FAILED)  # fail closed: a configured layer did not apply
-            harness.run_tests(request, rec_w)
+            harness.run_tests(request, rec_w, compiled)
         finally:
             os._exit(CHILD_SETUP_FAILED)
     os.close(rec_w)

@@ -17,7 +17,11 @@ sessions are reaped), ``HTTP_MAX_EPISODES`` (256), ``HTTP_EPISODE_TTL_S`` (600),
 ``LOG_LEVEL`` (INFO); see also ``tasks.py`` and ``sandbox.py``.
 """
 
-import models  # noqa: F401  (first: keeps gradio out unless the web UI is on)
+import sandbox  # light; the package import also defers the MCP runtime (server/lazy_mcp.py)
+
+sandbox.prewarm()  # the zygote workers boot while openenv and fastapi import below
+
+import models  # noqa: F401  (before openenv: keeps gradio out unless the web UI is on)
 
 # isort: split
 
@@ -46,6 +50,8 @@ from openenv.core.env_server.types import (
 )
 from pydantic import Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect
+from uvicorn.protocols.utils import ClientDisconnected
 
 from environment import TraceFixEnvironment
 from models import TraceFixAction, TraceFixObservation, TraceFixState
@@ -165,6 +171,29 @@ class HttpEpisodes:
             self._drop(episode_id)
 
 
+class QuietWebSocketClose:
+    """ASGI middleware: a WebSocket peer that already left is not a server error.
+
+    openenv-core 0.3's ``/ws`` handler closes the socket after the client's ``close``
+    message, and the stock client hangs up at once, so nearly every session ended with
+    ``WebSocketDisconnect`` escaping to uvicorn, which logged a full traceback at ERROR
+    (huggingface/OpenEnv#1159) and spent a third of the server's CPU formatting them at 512
+    sessions. The session is already torn down by then; this records it at DEBUG instead.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "websocket":
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        except (WebSocketDisconnect, ClientDisconnected) as exc:
+            log.debug("websocket %s: peer had already closed (%r)", scope.get("path"), exc)
+
+
 def _remove_routes(app: FastAPI, paths: set[str]) -> None:
     app.router.routes[:] = [
         r for r in app.router.routes if not (isinstance(r, APIRoute) and r.path in paths)
@@ -195,6 +224,7 @@ def create_tracefix_app() -> FastAPI:
         ttl_s=_env_number("HTTP_EPISODE_TTL_S", DEFAULT_HTTP_EPISODE_TTL_S),
     )
     app.state.http_episodes = episodes
+    app.add_middleware(QuietWebSocketClose)
     _remove_routes(app, REPLACED_ROUTES)
 
     @app.post("/reset", response_model=ResetResponse, tags=["Environment Control"])

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from judge import judge
-from sandbox import EvalRequest, FairSlots, Limits, ZygotePool, canonical
+from sandbox import EvalRequest, FairSlots, Limits, ZygotePool, canonical, harness
 from tests.conftest import FAKE_SECRET
 
 
@@ -136,6 +136,22 @@ def test_workdirs_and_processes_are_cleaned_up(sandbox):
 def test_syntax_error_is_reported_per_test(sandbox):
     result = run(sandbox, "def f(:\n", "f(1)", "2")
     assert [r["e"] for r in result.records] == ["SyntaxError", "SyntaxError"]
+
+
+def test_a_test_that_does_not_compile_fails_alone(sandbox):
+    result = run(sandbox, "def f(x):\n    return x\n", "f(1)", "f(", "f(3)")
+    assert [r.get("v", r.get("e")) for r in result.records] == [1, "SyntaxError", 3]
+
+
+def test_compiled_tests_are_cached_and_bounded(monkeypatch):
+    monkeypatch.setattr(harness, "_compiled_tests", {})
+    monkeypatch.setattr(harness, "COMPILED_TESTS_MAX", 2)
+    first = harness.precompile_tests(["1 + 1", "x = 2\nx"])
+    assert harness.precompile_tests(["1 + 1"])[0] is first[0]  # reused, not recompiled
+    assert first[1][1] is not None  # the final expression is compiled for its value
+    assert harness.precompile_tests(["f("]) == [None]  # the child reports the error
+    harness.precompile_tests(["3", "4", "5"])
+    assert len(harness._compiled_tests) <= 2
 
 
 def test_pools_have_separate_roots_and_sweep_dead_ones(tmp_path):
