@@ -1,5 +1,5 @@
 """The tracefix_rl HTTP/WebSocket server (see ``server.app``)."""
 
-from server import lazy_mcp
+from server import startup
 
-lazy_mcp.install()
+startup.defer_mcp_runtime()

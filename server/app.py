@@ -17,7 +17,7 @@ sessions are reaped), ``HTTP_MAX_EPISODES`` (256), ``HTTP_EPISODE_TTL_S`` (600),
 ``LOG_LEVEL`` (INFO); see also ``tasks.py`` and ``sandbox.py``.
 """
 
-import sandbox  # light; the package import also defers the MCP runtime (server/lazy_mcp.py)
+import sandbox  # light; the package import also defers the MCP runtime (server/startup.py)
 
 sandbox.prewarm()  # the zygote workers boot while openenv and fastapi import below
 
@@ -30,6 +30,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ from uvicorn.protocols.utils import ClientDisconnected
 from environment import TraceFixEnvironment
 from models import TraceFixAction, TraceFixObservation, TraceFixState
 from sandbox import SandboxBusy, SandboxUnavailable, get_sandbox
+from server import startup
 from tasks import SPLITS, TaskSelectionError, get_registry
 
 log = logging.getLogger("tracefix_rl.server")
@@ -200,14 +202,42 @@ def _remove_routes(app: FastAPI, paths: set[str]) -> None:
     ]
 
 
-def create_tracefix_app() -> FastAPI:
-    """Build the ASGI app: load tasks, start the sandbox, register every route."""
-    try:
+class _TaskLoader:
+    """Loads the sandbox and the task registry in a thread while the app is built.
+
+    The oracle checks mostly wait on the sandbox workers, so building routes and starting
+    uvicorn overlap with them; the app's startup hook waits for the result, and uvicorn
+    accepts connections only after that, so no request ever sees a half-loaded registry.
+    """
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._load, name="task-loader", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            get_sandbox()
+            get_registry()
+        except BaseException as exc:  # noqa: BLE001 - reported by wait()
+            self.error = exc
+
+    async def wait(self) -> None:
+        """Startup hook: block startup until the tasks are loaded; fail it if they cannot be."""
+        await asyncio.to_thread(self._thread.join)
+        if isinstance(self.error, SandboxUnavailable):
+            log.critical("%s", self.error)
+            raise SystemExit(f"tracefix_rl: {self.error}")
+        if self.error is not None:
+            raise self.error
         registry = get_registry()
-        sandbox = get_sandbox()
-    except SandboxUnavailable as exc:
-        log.critical("%s", exc)
-        raise SystemExit(f"tracefix_rl: {exc}") from None
+        log.info("serving %d tasks (%d skipped)", len(registry.tasks), len(registry.problems))
+
+
+def create_tracefix_app() -> FastAPI:
+    """Build the ASGI app and register every route; tasks and sandbox load meanwhile and
+    are ready before the server accepts its first connection."""
+    loader = _TaskLoader()
     concurrency = ConcurrencyConfig(
         max_concurrent_envs=int(_env_number("MAX_CONCURRENT_ENVS", DEFAULT_MAX_CONCURRENT_ENVS)),
         session_timeout=_env_number("SESSION_TIMEOUT_S", DEFAULT_SESSION_TIMEOUT_S),
@@ -224,6 +254,7 @@ def create_tracefix_app() -> FastAPI:
         ttl_s=_env_number("HTTP_EPISODE_TTL_S", DEFAULT_HTTP_EPISODE_TTL_S),
     )
     app.state.http_episodes = episodes
+    app.router.on_startup.insert(0, loader.wait)
     app.add_middleware(QuietWebSocketClose)
     _remove_routes(app, REPLACED_ROUTES)
 
@@ -234,7 +265,7 @@ def create_tracefix_app() -> FastAPI:
         Body: ``seed``, ``episode_id``, ``task_id`` (or ``task_name``), ``difficulty``,
         ``max_steps``; other keys are ignored.
         """
-        env = TraceFixEnvironment(registry=registry, sandbox=sandbox)
+        env = TraceFixEnvironment(registry=get_registry(), sandbox=get_sandbox())
         try:
             observation = await run_in_threadpool(env.reset, **request.model_dump())
         except TaskSelectionError as exc:
@@ -283,13 +314,14 @@ def create_tracefix_app() -> FastAPI:
     @app.get("/health", tags=["Health"])
     async def health() -> dict[str, Any]:
         """Liveness plus the facts an operator needs: tasks, sandbox, sessions."""
+        registry = get_registry()
         return {
             "status": "healthy",
             "tasks": len(registry.tasks),
             "tasks_skipped": len(registry.problems),
             "http_episodes": len(episodes),
             "server": {"pid": os.getpid(), "open_fds": len(os.listdir("/proc/self/fd"))},
-            "sandbox": sandbox.describe(),
+            "sandbox": get_sandbox().describe(),
         }
 
     @app.get("/tasks", tags=["Environment Info"])
@@ -309,6 +341,7 @@ def create_tracefix_app() -> FastAPI:
             raise HTTPException(400, f"unknown difficulty {difficulty!r}")
         if split is not None and split not in SPLITS:
             raise HTTPException(400, f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+        registry = get_registry()
         ids = registry.ids(difficulty, split, source)
         rows = [
             {
@@ -331,7 +364,8 @@ def create_tracefix_app() -> FastAPI:
     return app
 
 
-app = create_tracefix_app()
+with startup.no_pydantic_v1():
+    app = create_tracefix_app()
 
 
 def main() -> None:
@@ -346,14 +380,7 @@ def main() -> None:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    registry = get_registry()
-    log.info(
-        "serving %d tasks (%d skipped) on %s:%d",
-        len(registry.tasks),
-        len(registry.problems),
-        args.host,
-        args.port,
-    )
+    log.info("starting on %s:%d", args.host, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
 
 

@@ -211,6 +211,15 @@ def process_uid_and_parent(pid: int) -> tuple[int, int] | None:
     return int(fields["Uid"].split()[0]), int(fields["PPid"])
 
 
+def leftover_workdirs(root: Path) -> list[str]:
+    """Evaluation working directories under ``root``. ``os.walk`` skips directories that
+    vanish mid-walk (the worker removes each one right after answering)."""
+    found = []
+    for parent, dirs, _ in os.walk(root):
+        found += [os.path.join(parent, name) for name in dirs if name.startswith("run-")]
+    return found
+
+
 def leftover_processes(world: World) -> list[int]:
     """Processes that appeared during the payload, run as the sandbox uid, and are not the
     server's workers (a respawned worker is a direct child of the server and is allowed)."""
@@ -553,10 +562,10 @@ def test_payload(world: World, payload: Payload):
         time.sleep(0.02)
     assert leftover_processes(world) == []
     deadline = time.monotonic() + 5  # workers remove a workdir right after answering
-    while list(world.root.rglob("run-*")) and time.monotonic() < deadline:
+    while leftover_workdirs(world.root) and time.monotonic() < deadline:
         time.sleep(0.02)
-    for worker in world.root.rglob("run-*"):
-        pytest.fail(f"working directory left behind: {worker}")
+    for workdir in leftover_workdirs(world.root):
+        pytest.fail(f"working directory left behind: {workdir}")
     assert health(world)["server"]["open_fds"] == world.baseline_fds
     if world.seccomp:
         assert facts["sandbox"]["respawns"] == 0

@@ -1,5 +1,6 @@
-"""Keep openenv's MCP runtime (fastmcp, about 1.1 s of imports) out of server start-up.
+"""Keep imports the server never uses off its start-up path (``bench/coldstart_bench.py``).
 
+**openenv's MCP runtime** (fastmcp and the mcp SDK, about 1.1 s of imports here).
 openenv-core 0.3's HTTP server imports ``openenv.core.env_server.mcp_environment`` eagerly,
 which imports fastmcp and the mcp SDK. tracefix_rl exposes no MCP tools, so the server never
 calls into it: ``/mcp`` answers JSON-RPC ("Environment does not support MCP") without it.
@@ -13,18 +14,27 @@ calls into it: ``/mcp`` answers JSON-RPC ("Environment does not support MCP") wi
 * any other name, from anyone else, loads and returns the real thing.
 
 Install it before anything imports ``openenv``; afterwards it has no effect.
+
+**pydantic.v1** (about 0.4 s). While routes are built, FastAPI asks of every parameter
+whether it is a pydantic v1 model, importing ``pydantic.v1`` to find out. In a process that
+has never imported ``pydantic.v1`` no v1 model can exist, so ``no_pydantic_v1()`` declines
+that import for the duration (FastAPI reads the ImportError as "no"); afterwards it imports
+normally on first real use.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.abc
 import importlib.machinery
 import sys
 import types
+from collections.abc import Iterator
 from typing import Any
 
 MCP_MODULE = "openenv.core.env_server.mcp_environment"
+PYDANTIC_V1 = "pydantic.v1"
 _PACKAGE = MCP_MODULE.rsplit(".", 1)[0]
 
 
@@ -71,8 +81,29 @@ def _stand_in(finder: _StandInFinder) -> types.ModuleType:
     return module
 
 
-def install() -> None:
+def defer_mcp_runtime() -> None:
     """Defer the MCP runtime for this process (idempotent; a no-op once openenv is loaded)."""
     if MCP_MODULE in sys.modules or any(isinstance(f, _StandInFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _StandInFinder())
+
+
+class _DeclinePydanticV1(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> None:
+        if fullname == PYDANTIC_V1:
+            raise ModuleNotFoundError("pydantic.v1 declined while routes are built", name=fullname)
+        return None
+
+
+@contextlib.contextmanager
+def no_pydantic_v1() -> Iterator[None]:
+    """Within the block, ``import pydantic.v1`` fails unless it is already imported."""
+    if PYDANTIC_V1 in sys.modules:
+        yield
+        return
+    finder = _DeclinePydanticV1()
+    sys.meta_path.insert(0, finder)
+    try:
+        yield
+    finally:
+        sys.meta_path.remove(finder)
