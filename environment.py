@@ -70,10 +70,17 @@ class ActionError(Exception):
     """An action the environment rejects; its message becomes ``last_action_error``."""
 
 
+# CPython 3.11's ast.parse is not safe to run in several threads at once: under load
+# (256 HTTP episodes) it failed now and then with "SystemError: AST constructor recursion
+# depth mismatch". Parsing takes at most about a millisecond, so one parse at a time.
+_PARSE_LOCK = threading.Lock()
+
+
 def syntax_error_of(code: str) -> tuple[int | None, str] | None:
     """``(line, message)`` if ``code`` does not parse, else None. Nothing is executed."""
     try:
-        ast.parse(code, "<solution>")
+        with _PARSE_LOCK:
+            ast.parse(code, "<solution>")
     except SyntaxError as exc:
         return exc.lineno, f"SyntaxError: {exc.msg} (line {exc.lineno})"
     except (ValueError, RecursionError, MemoryError) as exc:

@@ -111,8 +111,10 @@ class WsSession:
     def __init__(self, url: str, http: httpx.AsyncClient) -> None:
         self.client = TraceFixEnv(base_url=url, message_timeout_s=STEP_TIMEOUT_S)
 
-    async def reset(self, seed: int) -> Outcome:
+    async def open(self) -> None:
         await self.client.connect()
+
+    async def reset(self, seed: int) -> Outcome:
         return self._outcome(await self.client.reset(seed=seed))
 
     async def step(self, action: TraceFixAction) -> Outcome:
@@ -128,11 +130,19 @@ class WsSession:
 
 
 class HttpSession:
-    """One stateful HTTP episode: ``/reset``, then ``/step`` with its ``episode_id``."""
+    """One stateful HTTP episode: ``/reset``, then ``/step`` with its ``episode_id``.
+
+    Each session keeps one HTTP/1.1 keep-alive connection and speaks the few lines of
+    HTTP it needs: httpx's async pool used a whole core of the client at 256 connections
+    and became the bottleneck being measured.
+    """
 
     def __init__(self, url: str, http: httpx.AsyncClient) -> None:
-        self.http = http
+        self.host, self.port = httpx.URL(url).host, httpx.URL(url).port
         self.episode_id: str | None = None
+
+    async def open(self) -> None:
+        self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
 
     async def reset(self, seed: int) -> Outcome:
         body = await self._post("/reset", {"seed": seed})
@@ -145,13 +155,23 @@ class HttpSession:
         return self._outcome(await self._post("/step", payload))
 
     async def close(self) -> None:
-        return None
+        self.writer.close()
 
     async def _post(self, path: str, payload: dict[str, Any]) -> dict[str, Any]:
-        response = await self.http.post(path, json=payload)
-        if response.status_code != 200:
-            raise RuntimeError(f"{path}: HTTP {response.status_code} {response.text[:200]}")
-        return response.json()
+        body = json.dumps(payload).encode()
+        head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json"
+                f"\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+        self.writer.write(head.encode() + body)
+        status = int((await self.reader.readline()).split()[1])
+        length = 0
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.strip().lower() == "content-length":
+                length = int(value)
+        data = await self.reader.readexactly(length)
+        if status != 200:
+            raise RuntimeError(f"{path}: HTTP {status} {data[:200]!r}")
+        return json.loads(data)
 
     @staticmethod
     def _outcome(body: dict[str, Any]) -> Outcome:
@@ -178,6 +198,7 @@ async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid:
     completed = 0
 
     async def reset(index: int, player: Any) -> Outcome:
+        await player.open()  # connecting is not part of the reset's latency
         start = time.perf_counter()
         outcome = await player.reset(seed=index)
         latencies["RESET"].append((time.perf_counter() - start) * 1000)
@@ -277,6 +298,8 @@ def bench(sessions: int, steps: int, transport: str = "ws") -> dict:
     bad = [line for line in lines if any(m in line for m in SERVER_ERROR_MARKERS)]
     result["server_error_lines"] = len(bad)
     result["server_error_samples"] = bad[:3]
+    if os.environ.get("BENCH_DUMP_SERVER_LOG"):  # debugging aid: the whole server log
+        print("\n".join(lines), file=sys.stderr)
     return result
 
 

@@ -27,12 +27,15 @@ import models  # noqa: F401  (before openenv: keeps gradio out unless the web UI
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +53,6 @@ from openenv.core.env_server.types import (
     StepResponse,
 )
 from pydantic import Field, ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.websockets import WebSocketDisconnect
 from uvicorn.protocols.utils import ClientDisconnected
 
@@ -254,6 +256,15 @@ def create_tracefix_app() -> FastAPI:
         ttl_s=_env_number("HTTP_EPISODE_TTL_S", DEFAULT_HTTP_EPISODE_TTL_S),
     )
     app.state.http_episodes = episodes
+    # One thread per HTTP episode slot: a step waiting for the sandbox must not hold up
+    # VIEW or REPLACE of other episodes (Starlette's shared thread pool has 40 threads).
+    http_threads = ThreadPoolExecutor(max_workers=episodes.capacity,
+                                      thread_name_prefix="http-episode")  # fmt: skip
+
+    async def in_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(http_threads, functools.partial(call, *args, **kwargs))
+
     app.router.on_startup.insert(0, loader.wait)
     app.add_middleware(QuietWebSocketClose)
     _remove_routes(app, REPLACED_ROUTES)
@@ -267,7 +278,7 @@ def create_tracefix_app() -> FastAPI:
         """
         env = TraceFixEnvironment(registry=get_registry(), sandbox=get_sandbox())
         try:
-            observation = await run_in_threadpool(env.reset, **request.model_dump())
+            observation = await in_thread(env.reset, **request.model_dump())
         except TaskSelectionError as exc:
             raise HTTPException(400, str(exc)) from None
         try:
@@ -286,7 +297,7 @@ def create_tracefix_app() -> FastAPI:
         episode = episodes.get(request.episode_id)
         async with episode.lock:
             try:
-                observation = await run_in_threadpool(episode.env.step, action)
+                observation = await in_thread(episode.env.step, action)
             except SandboxBusy as exc:
                 raise HTTPException(503, str(exc)) from None
         episode.last_used = time.monotonic()
@@ -357,6 +368,7 @@ def create_tracefix_app() -> FastAPI:
 
     async def _close_episodes() -> None:
         episodes.close()
+        http_threads.shutdown(wait=False, cancel_futures=True)
 
     app.router.on_shutdown.append(_close_episodes)
 
