@@ -192,7 +192,8 @@ def startup_section(cold: dict[str, Any] | None, gen: dict[str, Any] | None) -> 
             f"`bench/coldstart_bench.py`: `{cold['command']}` from process spawn to the first "
             f"`POST /reset` answered 200, {first['runs']} runs: median {first['median_s']:.2f} "
             f"s (min {first['min_s']:.2f}, max {first['max_s']:.2f}); a bare `python -c pass` "
-            f"takes {bare['median_s']:.3f} s ({cold['ratio_to_bare_python']}× less)."
+            f"takes {bare['median_s']:.3f} s (the server takes {cold['ratio_to_bare_python']}× as "
+            "long)."
         )
     if gen:
         parts.append(
