@@ -33,7 +33,8 @@ def load(results: Path) -> dict[str, dict[str, Any]]:
     return {path.stem: json.loads(path.read_text()) for path in sorted(results.glob("*.json"))}
 
 
-def ws_runs(sessions: dict[str, Any], transport: str = "ws") -> list[dict[str, Any]]:
+def runs_of(sessions: dict[str, Any], transport: str = "ws") -> list[dict[str, Any]]:
+    """The sessions runs over ``transport``, fewest sessions first."""
     return sorted(
         (r for r in sessions.get("runs", []) if r.get("transport", "ws") == transport),
         key=lambda r: r["sessions"],
@@ -69,7 +70,7 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
             f"{best['per_second']:.0f}/s (concurrency {best['concurrency']})",
             _yes(best["per_second"] >= TARGET_EVALUATIONS_PER_S),
         ))  # fmt: skip
-    big = [r for r in ws_runs(data.get("sessions", {})) if r["sessions"] == TARGET_SESSIONS]
+    big = [r for r in runs_of(data.get("sessions", {})) if r["sessions"] == TARGET_SESSIONS]
     if big:
         run = big[0]
         lat = run["latency_ms"]
@@ -157,7 +158,7 @@ def sandbox_section(sandbox: dict[str, Any]) -> str:
 def sessions_section(sessions: dict[str, Any]) -> str:
     rows = []
     for transport in ("ws", "http"):
-        for run in ws_runs(sessions, transport):
+        for run in runs_of(sessions, transport):
             lat = run["latency_ms"]
             rows.append([
                 transport, run["sessions"], run["errors"], run["completed"],
@@ -255,7 +256,7 @@ def plot(data: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 
         def latency(axis: Any) -> None:
             for transport, style in (("ws", "-"), ("http", "--")):
-                runs = ws_runs(sessions, transport)
+                runs = runs_of(sessions, transport)
                 if not runs:
                     continue
                 xs = [r["sessions"] for r in runs]

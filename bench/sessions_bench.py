@@ -9,7 +9,8 @@ seeds), measure the server's RSS with N idle sessions, then let every session pl
 ``--http`` runs use stateful HTTP episodes (``POST /reset``, then ``POST /step`` with the
 ``episode_id``). Reports per-action P50/P99 latency, errors (including ERROR lines in the
 server's log), RSS and RSS per idle session, and CPU use of the server (with its sandbox
-workers) and of this client. Writes ``bench/results/sessions.json``.
+workers) and of this client. Writes ``bench/results/sessions.json``. With
+``BENCH_DUMP_SERVER_LOG=1`` each server's whole log goes to stderr (for chasing errors).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ class Outcome:
 class WsSession:
     """One episode over ``/ws`` through openenv's typed client."""
 
-    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, url: str) -> None:
         self.client = TraceFixEnv(base_url=url, message_timeout_s=STEP_TIMEOUT_S)
 
     async def open(self) -> None:
@@ -137,7 +138,7 @@ class HttpSession:
     and became the bottleneck being measured.
     """
 
-    def __init__(self, url: str, http: httpx.AsyncClient) -> None:
+    def __init__(self, url: str) -> None:
         self.host, self.port = httpx.URL(url).host, httpx.URL(url).port
         self.episode_id: str | None = None
 
@@ -190,9 +191,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid: int) -> dict:
-    limits = httpx.Limits(max_connections=sessions, max_keepalive_connections=sessions)
-    http = httpx.AsyncClient(base_url=url, timeout=STEP_TIMEOUT_S, limits=limits)
-    players = [TRANSPORTS[transport](url, http) for _ in range(sessions)]
+    players = [TRANSPORTS[transport](url) for _ in range(sessions)]
     errors: list[str] = []
     latencies: dict[str, list[float]] = defaultdict(list)
     completed = 0
@@ -238,7 +237,6 @@ async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid:
     server_cpu = cpu_seconds(pid) - cpu_before
     client_cpu = time.process_time() - client_before
     await asyncio.gather(*(p.close() for p in players), return_exceptions=True)
-    await http.aclose()
     cpus = os.cpu_count() or 1
     return {
         "transport": transport,
@@ -298,7 +296,7 @@ def bench(sessions: int, steps: int, transport: str = "ws") -> dict:
     bad = [line for line in lines if any(m in line for m in SERVER_ERROR_MARKERS)]
     result["server_error_lines"] = len(bad)
     result["server_error_samples"] = bad[:3]
-    if os.environ.get("BENCH_DUMP_SERVER_LOG"):  # debugging aid: the whole server log
+    if os.environ.get("BENCH_DUMP_SERVER_LOG"):
         print("\n".join(lines), file=sys.stderr)
     return result
 
