@@ -264,7 +264,7 @@ def all_fail_with(fragment: str) -> Callable[[dict, World], None]:
 
 def victim_file(name: str, exists_with_landlock: bool) -> Callable[[dict, World], None]:
     def check(obs: dict, world: World) -> None:
-        assert obs["tests_passed"] == VISIBLE
+        assert obs["tests_passed"] == VISIBLE, obs["test_results"]
         present = (world.victims / name).exists()
         assert present is (exists_with_landlock if world.landlock else not exists_with_landlock)
 
@@ -275,7 +275,7 @@ def victim_absent(name: str) -> Callable[[dict, World], None]:
     def check(obs: dict, world: World) -> None:
         assert not (world.victims / name).exists()
         assert "DENIED PermissionError" in obs["last_execution_output"]
-        assert obs["tests_passed"] == VISIBLE
+        assert obs["tests_passed"] == VISIBLE, obs["test_results"]
 
     return check
 
@@ -285,7 +285,7 @@ def solved(obs: dict, world: World) -> None:
 
 
 def flood_capped(obs: dict, world: World) -> None:
-    assert obs["tests_passed"] == VISIBLE
+    assert obs["tests_passed"] == VISIBLE, obs["test_results"]
     assert len(obs["last_execution_output"]) < 8000
 
 
@@ -312,7 +312,7 @@ def output_has(*fragments: str, absent: tuple[str, ...] = ()) -> Callable[[dict,
 def read_outside(obs: dict, world: World) -> None:
     out = obs["last_execution_output"]
     assert ("VICTIM-CONTENT-51" in out) is (not world.landlock), out
-    assert obs["tests_passed"] == VISIBLE
+    assert obs["tests_passed"] == VISIBLE, obs["test_results"]
 
 
 def read_task_data(obs: dict, world: World) -> None:
@@ -321,7 +321,7 @@ def read_task_data(obs: dict, world: World) -> None:
 
 
 def no_network(obs: dict, world: World) -> None:
-    assert obs["tests_passed"] == VISIBLE
+    assert obs["tests_passed"] == VISIBLE, obs["test_results"]
     assert "CONNECTED" not in obs["last_execution_output"]
     assert world.listeners.contacts() == []
 
@@ -435,7 +435,9 @@ PAYLOADS = [
             "def sum_of_evens(nums):\n    hog = []\n    while True:\n"
             "        hog.append(' ' * 10**6)\n",
             passed(0)),
-    Payload("output_flood_then_correct", guarded("print('x' * 10**8)"), flood_capped),
+    # 10 MB per test: 160x the output cap, yet a small share of the 0.5 s test budget (at
+    # 100 MB, allocating and encoding took ~0.25 s per test and timed out on a loaded machine).
+    Payload("output_flood_then_correct", guarded("print('x' * 10**7)"), flood_capped),
     Payload("output_flood_forever",
             "def sum_of_evens(nums):\n    while True:\n        print('y' * 10000)\n", passed(0)),
     Payload("write_outside_workdir", guarded("open('$victim_dir/written.txt', 'w').write('x')"),
