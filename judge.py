@@ -9,6 +9,7 @@ flooded result channel) mark the run *tampered*, which fails every test.
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,17 +75,20 @@ def judge(result: EvalResult, expected: Sequence[dict[str, Any]]) -> Verdict:
             tampered = True
             continue
         by_index[index] = record
+    timed_out = result.timed_out or result.signal == signal.SIGXCPU
     if tampered:
         failed = TestVerdict(False, "result channel tampered with; run discarded")
-        return Verdict(tests=(failed,) * total, tampered=True, timed_out=result.timed_out)
+        return Verdict(tests=(failed,) * total, tampered=True, timed_out=timed_out)
     missing = _missing_reason(result)
     verdicts = tuple(_judge_one(by_index.get(i), expected[i], missing) for i in range(total))
-    return Verdict(tests=verdicts, timed_out=result.timed_out)
+    return Verdict(tests=verdicts, timed_out=timed_out)
 
 
 def _missing_reason(result: EvalResult) -> str:
     if result.timed_out:
         return "no result: the run timed out"
+    if result.signal == signal.SIGXCPU:  # RLIMIT_CPU: the same overrun, counted in CPU time
+        return "no result: the run timed out (CPU time limit reached)"
     if result.signal is not None:
         return f"no result: the process was killed by signal {result.signal}"
     return f"no result: the process exited early (exit code {result.exit_code})"

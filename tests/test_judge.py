@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import signal
+
 from judge import judge, render, values_equal
 from sandbox import EvalResult, canonical
 
 
-def result(records, malformed=0, timed_out=False, overflow=False) -> EvalResult:
+def result(records, malformed=0, timed_out=False, overflow=False, signum=None) -> EvalResult:
     return EvalResult(
         records=records,
         malformed_lines=malformed,
         output="",
         output_truncated=False,
-        exit_code=0,
-        signal=None,
+        exit_code=None if signum else 0,
+        signal=signum,
         timed_out=timed_out,
         result_overflow=overflow,
         duration_ms=1.0,
@@ -32,6 +34,15 @@ def test_missing_record_fails_with_reason():
     verdict = judge(result([{"i": 0, "v": 3}], timed_out=True), EXPECTED)
     assert [t.passed for t in verdict.tests] == [True, False]
     assert "timed out" in verdict.tests[1].detail
+
+
+def test_cpu_limit_kill_is_a_time_out():
+    """RLIMIT_CPU (SIGXCPU) can beat the wall clock when per-test budgets add up to it."""
+    verdict = judge(result([{"i": 0, "v": 3}], signum=signal.SIGXCPU), EXPECTED)
+    assert verdict.timed_out and verdict.passed == 1
+    assert verdict.tests[1].detail == "no result: the run timed out (CPU time limit reached)"
+    killed = judge(result([{"i": 0, "v": 3}], signum=signal.SIGSEGV), EXPECTED)
+    assert not killed.timed_out and "signal 11" in killed.tests[1].detail
 
 
 def test_duplicates_out_of_range_and_malformed_mark_tampered():
