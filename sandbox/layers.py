@@ -186,22 +186,24 @@ def seccomp_program(own_pid: int) -> bytes:
 
 
 _template: tuple[bytes, int] | None = None
+_INSTRUCTION_BYTES, _K_OFFSET = 8, 4  # struct sock_filter: code, jt, jf, then the 32-bit k
 
 
 def _seccomp_template() -> tuple[bytes, int]:
     """The filter assembled once per process; the pid goes in at ``pid_offset``."""
     global _template
     if _template is None:
-        program = _assemble_seccomp(0)
-        _template = (program, _PID_INSTRUCTION * 8 + 4)
+        program = _seccomp_ops(0)
+        pid_offset = program.labels["pid_check"] * _INSTRUCTION_BYTES + _K_OFFSET
+        _template = (program.assemble(), pid_offset)
     return _template
 
 
-_PID_INSTRUCTION = -1
-
-
 def _assemble_seccomp(own_pid: int) -> bytes:
-    global _PID_INSTRUCTION
+    return _seccomp_ops(own_pid).assemble()
+
+
+def _seccomp_ops(own_pid: int) -> _Program:
     numbers = SYSCALLS_X86_64
     p = _Program()
     p.load(_ARCH)
@@ -226,7 +228,7 @@ def _assemble_seccomp(own_pid: int) -> bytes:
     p.jump(_JEQ_K, 0, "allow", "eperm")
     p.label("self_only")  # signals to this process only
     p.load(_arg(0))
-    _PID_INSTRUCTION = len(p.ops)
+    p.label("pid_check")  # the only instruction that depends on own_pid
     p.jump(_JEQ_K, own_pid, 0, "eperm")
     p.load(_arg(0, high=True))
     p.jump(_JEQ_K, 0, "allow", "eperm")
@@ -238,7 +240,7 @@ def _assemble_seccomp(own_pid: int) -> bytes:
     p.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
     p.label("kill")
     p.ret(SECCOMP_RET_KILL_PROCESS)
-    return p.assemble()
+    return p
 
 
 class _SockFprog(ctypes.Structure):

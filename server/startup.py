@@ -5,7 +5,7 @@ openenv-core 0.3's HTTP server imports ``openenv.core.env_server.mcp_environment
 which imports fastmcp and the mcp SDK. tracefix_rl exposes no MCP tools, so the server never
 calls into it: ``/mcp`` answers JSON-RPC ("Environment does not support MCP") without it.
 
-``install()`` puts a small stand-in module in its place until something really needs it:
+``defer_mcp_runtime()`` puts a small stand-in module in its place until something really needs it:
 
 * ``get_server_tools`` (the one name openenv's HTTP server imports) loads the real module on
   first call and delegates to it;
