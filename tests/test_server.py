@@ -15,7 +15,7 @@ from openenv.core.generic_client import GenericEnvClient
 
 from client import TraceFixEnv
 from models import TraceFixAction
-from server.app import HttpEpisodes
+from server.episodes import HttpEpisodes
 from tests.conftest import FAKE_SECRET, REPO
 from tests.test_tasks import GOOD_TASK
 
@@ -301,7 +301,7 @@ def test_http_store_bounds_and_expiry(monkeypatch):
     from fastapi import HTTPException
 
     clock = [1e9]
-    monkeypatch.setattr("server.app.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("server.episodes.time.monotonic", lambda: clock[0])
     store = HttpEpisodes(capacity=2, ttl_s=100)
     finished, live = FakeEnv("a", done=True), FakeEnv("b")
     store.add(finished)
