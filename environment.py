@@ -34,9 +34,22 @@ from openenv.core.env_server.interfaces import Environment
 from openenv.core.env_server.types import EnvironmentMetadata
 
 from judge import TestVerdict, Verdict, judge
-from models import TestResult, TraceFixAction, TraceFixObservation, TraceFixState
-from sandbox import EvalResult, SandboxBackend, SandboxBusy, get_sandbox
-from tasks import Task, TaskRegistry, TaskSelectionError, TaskTest, evaluate, get_registry
+from models import (
+    ResetArgs,
+    TestResult,
+    TraceFixAction,
+    TraceFixObservation,
+    TraceFixState,
+)
+from sandbox import (
+    EvalResult,
+    EvaluationCancelled,
+    SandboxBackend,
+    SandboxBusy,
+    SandboxFailure,
+    get_sandbox,
+)
+from tasks import Task, TaskRegistry, TaskTest, evaluate, get_registry
 
 log = logging.getLogger("tracefix_rl.environment")
 
@@ -50,7 +63,6 @@ REWARD_DIGITS = 6
 
 MAX_STEPS_ENV = "MAX_STEPS"
 DEFAULT_MAX_STEPS = 50
-MAX_STEPS_LIMIT = 1000
 MAX_FILE_LINES = 400
 MAX_FILE_CHARS = 20_000
 UNDO_DEPTH = 50
@@ -158,6 +170,8 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         self._task: Task | None = None
         self._state = TraceFixState(max_steps=default_max_steps())
         self._evaluating = threading.Lock()  # at most one evaluation in flight per episode
+        self._cancel = threading.Event()  # set by cancel(): stops the evaluation in flight
+        self._closed = False
         self._parsed: tuple[str, tuple[int | None, str] | None] | None = None
 
     # -- public API ---------------------------------------------------------------------
@@ -189,26 +203,19 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         split: str | None = None,
         **kwargs: Any,
     ) -> TraceFixObservation:
-        """Start an episode. Unknown keyword arguments (e.g. dataset columns) are ignored.
-
-        ``task_id`` (alias ``task_name``) picks a task; otherwise ``seed`` picks one
-        deterministically among the tasks of ``difficulty`` and ``split`` (``train`` or
-        ``eval``; default: all).
+        """Start an episode; the arguments are those of :class:`models.ResetArgs` (validated
+        here, so every transport gets the same errors: a wrong type raises pydantic's
+        ``ValidationError`` naming the field, an unknown task ``TaskSelectionError``).
+        Unknown keyword arguments (e.g. dataset columns) are ignored.
         """
-        if seed is not None and (type(seed) is not int or seed < 0):
-            raise TaskSelectionError(f"seed must be a non-negative integer, got {seed!r}")
-        if isinstance(difficulty, str):
-            difficulty = difficulty.strip().lower() or None
-        steps = default_max_steps() if max_steps is None else max_steps
-        if type(steps) is not int or not 1 <= steps <= MAX_STEPS_LIMIT:
-            raise TaskSelectionError(
-                f"max_steps must be an integer in 1..{MAX_STEPS_LIMIT}, got {max_steps!r}"
-            )
-        if isinstance(split, str):
-            split = split.strip().lower() or None
+        args = ResetArgs(
+            seed=seed, episode_id=episode_id, task_id=task_id, difficulty=difficulty,
+            task_name=task_name, max_steps=max_steps, split=split,
+        )  # fmt: skip
+        steps = default_max_steps() if args.max_steps is None else args.max_steps
         task = self.registry.select(
-            seed=seed, task_id=task_id or task_name, difficulty=difficulty, rng=self._rng,
-            split=split,
+            seed=args.seed, task_id=args.task_id or args.task_name, difficulty=args.difficulty,
+            rng=self._rng, split=args.split,
         )  # fmt: skip
         self._task = task
         self._lines = task.buggy_code.rstrip("\n").split("\n")
@@ -228,7 +235,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         self._solved: bool | None = None
         self._truncated: bool | None = None
         self._state = TraceFixState(
-            episode_id=episode_id if episode_id is not None else str(uuid.uuid4()),
+            episode_id=args.episode_id if args.episode_id is not None else str(uuid.uuid4()),
             step_count=0,
             task_id=task.task_id,
             difficulty=task.difficulty,
@@ -241,26 +248,63 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
     def step(
         self, action: TraceFixAction, timeout_s: float | None = None, **kwargs: Any
     ) -> TraceFixObservation:
-        """Apply one action; invalid actions are reported, never raised."""
+        """Apply one action; invalid actions are reported, never raised.
+
+        When the sandbox cannot evaluate (busy, a fault of its own, or the evaluation was
+        cancelled) the step does not happen: nothing changes, it is not counted, its reward
+        is 0, and ``last_action_error`` says why, so the agent can retry. If that happens to
+        the final grading at ``max_steps``, the episode stays open and the next step retries
+        the grading instead of applying its action.
+        """
         if self._task is None:
             self._error = "no episode is running: call reset first"
             return self._observe(0.0, done=False)
         if self._state.done:
             self._error = "the episode is over: call reset to start a new one"
             return self._observe(-INVALID_ACTION_PENALTY)
-        self._state.step_count += 1
         self._error = None
+        if self._state.step_count >= self._state.max_steps:
+            return self._retry_final_grading()
         reward = -STEP_COST
         try:
             reward += self._handlers[action.action_type](action)
         except ActionError as exc:
             self._error = str(exc)
             reward -= INVALID_ACTION_PENALTY
-        except SandboxBusy as exc:
-            self._error = str(exc)
+        except SandboxFailure as exc:
+            self._error = f"{exc} (the step was not counted and changed nothing)"
+            return self._observe(0.0)
+        self._state.step_count += 1
         if not self._state.done and self._state.step_count >= self._state.max_steps:
-            reward += self._finish(truncated=True)
+            try:
+                reward += self._finish(truncated=True)
+            except SandboxFailure as exc:
+                self._error = (
+                    f"max_steps reached, but grading failed: {exc}; the episode stays open "
+                    "and the next step retries the grading"
+                )
         return self._observe(reward)
+
+    def _retry_final_grading(self) -> TraceFixObservation:
+        try:
+            reward = self._finish(truncated=True)
+        except SandboxFailure as exc:
+            self._error = (
+                f"max_steps reached, but grading failed again: {exc}; send any action to "
+                "retry the grading"
+            )
+            return self._observe(0.0)
+        return self._observe(reward)
+
+    def cancel(self) -> None:
+        """Cancel this episode's evaluation in flight, if any (thread-safe): a queued one is
+        dropped, a running one is killed, and its step reports the cancellation."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Release the episode: the evaluation in flight is cancelled, later ones refused."""
+        self._closed = True
+        self.cancel()
 
     def get_metadata(self) -> EnvironmentMetadata:
         try:
@@ -402,7 +446,10 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         if not self._evaluating.acquire(blocking=False):
             raise ActionError("an evaluation is already running for this episode")
         try:
-            return evaluate(self.sandbox, code, tests, **kw)
+            if self._closed:
+                raise EvaluationCancelled("the environment was closed")
+            self._cancel = threading.Event()
+            return evaluate(self.sandbox, code, tests, cancel=self._cancel, **kw)
         finally:
             self._evaluating.release()
 

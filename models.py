@@ -38,8 +38,19 @@ class _DeferWebInterface(importlib.abc.MetaPathFinder):
 if not any(isinstance(f, _DeferWebInterface) for f in sys.meta_path):
     sys.meta_path.insert(0, _DeferWebInterface())
 
+import re  # noqa: E402
+from typing import Annotated, Any  # noqa: E402
+
 from openenv.core.env_server.types import Action, Observation, State  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from pydantic import (  # noqa: E402
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    model_validator,
+)
 
 ActionType = Literal[
     "VIEW_CODE", "RUN_TESTS", "REPLACE_LINES", "UNDO_EDIT", "RESET_TO_ORIGINAL", "SUBMIT"
@@ -47,6 +58,49 @@ ActionType = Literal[
 ACTION_TYPES: tuple[str, ...] = ActionType.__args__  # type: ignore[attr-defined]
 Difficulty = Literal["easy", "medium", "hard"]
 DIFFICULTIES: tuple[str, ...] = Difficulty.__args__  # type: ignore[attr-defined]
+Split = Literal["train", "eval"]
+SPLITS: tuple[str, ...] = Split.__args__  # type: ignore[attr-defined]
+MAX_STEPS_LIMIT = 1000
+ID_MAX_CHARS = 255
+
+# -- text that is safe on every wire -----------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def escape_surrogates(text: str) -> str:
+    """``text`` with every lone surrogate replaced by its backslash escape (``\\udcff``).
+
+    A Python ``str`` may hold surrogate code points (agent code can raise
+    ``ValueError('\\udcff')``, JSON can carry ``"\\ud800"``), but UTF-8 cannot encode them, so
+    one such character in an observation made every response of its episode a 500. Inside a
+    Python string literal the escape means the same character, so code keeps its meaning.
+    """
+    if text.isascii():
+        return text
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def escape_surrogates_in(value: Any) -> Any:
+    """:func:`escape_surrogates` applied to every string (and key) inside JSON-like data."""
+    if isinstance(value, str):
+        return escape_surrogates(value)
+    if isinstance(value, dict):
+        return {escape_surrogates_in(k): escape_surrogates_in(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [escape_surrogates_in(v) for v in value]
+    return value
+
+
+SafeText = Annotated[str, AfterValidator(escape_surrogates)]
+"""A string that arrived from a client or from agent code, made encodable as UTF-8."""
+
+
+def _normalized(value: Any) -> Any:
+    """Lower-case and strip a string choice; an empty one means "not given"."""
+    if isinstance(value, str):
+        return value.strip().lower() or None
+    return value
 
 
 class TraceFixAction(Action):
@@ -67,11 +121,11 @@ class TraceFixAction(Action):
     end_line: int | None = Field(
         default=None, description="Last line (inclusive) for REPLACE_LINES / VIEW_CODE."
     )
-    new_code_block: str | None = Field(
+    new_code_block: SafeText | None = Field(
         default=None,
         description="Replacement text for REPLACE_LINES; empty deletes the lines.",
     )
-    thought: str | None = Field(
+    thought: SafeText | None = Field(
         default=None, description="Optional free-text reasoning; ignored by the environment."
     )
 
@@ -88,7 +142,17 @@ class TestResult(BaseModel):
 
 
 class TraceFixObservation(Observation):
-    """What the agent sees after every reset and step."""
+    """What the agent sees after every reset and step.
+
+    Every string in it is made encodable (:func:`escape_surrogates`) when it is built, so no
+    text that agent code produced can keep an observation, and the score in it, from reaching
+    the client.
+    """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data: Any) -> Any:
+        return escape_surrogates_in(data) if isinstance(data, dict) else data
 
     task_id: str = ""
     difficulty: str = ""
@@ -131,3 +195,42 @@ class TraceFixState(State):
     difficulty: str | None = None
     max_steps: int = 0
     done: bool = False
+
+
+class ResetArgs(BaseModel):
+    """Arguments of ``reset``, validated the same way over HTTP, WebSocket and in-process.
+
+    ``task_id`` (alias ``task_name``) picks a task; otherwise ``seed`` picks one
+    deterministically among the tasks of ``difficulty`` and ``split``; with neither, one is
+    drawn at random. Other keys (e.g. the dataset columns a trainer passes) are ignored.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    seed: StrictInt | None = Field(
+        default=None, ge=0, description="Picks the task deterministically (a non-negative int)."
+    )
+    episode_id: SafeText | None = Field(
+        default=None,
+        min_length=1,
+        max_length=ID_MAX_CHARS,
+        description="Echoed back verbatim in the observation and state; a uuid4 if omitted.",
+    )
+    task_id: SafeText | None = Field(
+        default=None, min_length=1, max_length=ID_MAX_CHARS, description="Play this task."
+    )
+    task_name: SafeText | None = Field(
+        default=None, min_length=1, max_length=ID_MAX_CHARS, description="Alias of task_id."
+    )
+    difficulty: Annotated[Difficulty | None, BeforeValidator(_normalized)] = Field(
+        default=None, description="Draw among the tasks of this tier."
+    )
+    split: Annotated[Split | None, BeforeValidator(_normalized)] = Field(
+        default=None, description="Draw among the tasks of this split."
+    )
+    max_steps: StrictInt | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_STEPS_LIMIT,
+        description="Episode length for this episode (default: MAX_STEPS).",
+    )

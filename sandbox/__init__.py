@@ -20,17 +20,21 @@ import threading
 from sandbox.api import (
     EvalRequest,
     EvalResult,
+    EvaluationCancelled,
     Limits,
     SandboxBackend,
     SandboxBusy,
+    SandboxFailure,
+    SandboxFault,
     SandboxUnavailable,
 )
 from sandbox.harness import TestTimeout, canonical
 from sandbox.pool import FairSlots, ZygotePool
 
 __all__ = [
-    "EvalRequest", "EvalResult", "FairSlots", "Limits", "SandboxBackend", "SandboxBusy",
-    "SandboxUnavailable", "TestTimeout", "ZygotePool", "canonical", "get_sandbox", "prewarm",
+    "EvalRequest", "EvalResult", "EvaluationCancelled", "FairSlots", "Limits", "SandboxBackend",
+    "SandboxBusy", "SandboxFailure", "SandboxFault", "SandboxUnavailable", "TestTimeout",
+    "ZygotePool", "canonical", "get_sandbox", "prewarm",
 ]  # fmt: skip
 
 _TRUE = ("1", "true", "yes")

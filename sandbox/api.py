@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,8 +64,20 @@ class EvalResult:
     duration_ms: float
 
 
-class SandboxBusy(RuntimeError):
+class SandboxFailure(RuntimeError):
+    """The evaluation did not happen, for a reason that is not the agent's code."""
+
+
+class SandboxBusy(SandboxFailure):
     """No evaluation slot became free in time, or the queue is full."""
+
+
+class SandboxFault(SandboxFailure):
+    """The sandbox broke during the evaluation (a worker died, the pool closed), twice."""
+
+
+class EvaluationCancelled(SandboxFailure):
+    """The caller cancelled the evaluation (its client went away)."""
 
 
 class SandboxUnavailable(RuntimeError):
@@ -76,12 +89,20 @@ class SandboxBackend(Protocol):
 
     name: str
 
-    def run(self, request: EvalRequest) -> EvalResult:
-        """Evaluate ``request`` in isolation and return the raw observations."""
+    def run(self, request: EvalRequest, cancel: threading.Event | None = None) -> EvalResult:
+        """Evaluate ``request`` in isolation and return the raw observations.
+
+        Raises a :class:`SandboxFailure` when no evaluation happened: busy, a fault of the
+        sandbox itself (already retried), or ``cancel`` set while queued or running.
+        """
         ...
 
     def describe(self) -> dict[str, Any]:
         """Facts for ``/health``: backend name, enforced layers, limits, capacity."""
+        ...
+
+    def health_problem(self) -> str | None:
+        """Why the backend cannot serve at full strength right now (None when it can)."""
         ...
 
     def close(self) -> None:

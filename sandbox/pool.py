@@ -305,7 +305,7 @@ class ZygotePool:
 
     # -- SandboxBackend -----------------------------------------------------------------------
 
-    def run(self, request: EvalRequest) -> EvalResult:
+    def run(self, request: EvalRequest, cancel: threading.Event | None = None) -> EvalResult:
         queued = self._slots.waiting
         if not self._slots.acquire(self.queue_timeout_s, max_waiting=self.max_queue):
             if queued >= self.max_queue:

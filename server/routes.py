@@ -21,7 +21,6 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute
 from openenv.core.env_server.serialization import deserialize_action, serialize_observation
 from openenv.core.env_server.types import (
-    ResetRequest,
     ResetResponse,
     StepRequest,
     StepResponse,
@@ -30,7 +29,7 @@ from pydantic import Field, ValidationError
 
 import models
 from environment import TraceFixEnvironment
-from models import TraceFixAction, TraceFixObservation, TraceFixState
+from models import ResetArgs, TraceFixAction, TraceFixObservation, TraceFixState
 from sandbox import SandboxBusy, get_sandbox
 from server.episodes import EpisodeStoreFull, HttpEpisodes
 from tasks import SPLITS, TaskSelectionError, get_registry
@@ -67,11 +66,11 @@ def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
         return await loop.run_in_executor(http_threads, functools.partial(call, *args, **kwargs))
 
     @app.post("/reset", response_model=ResetResponse, tags=["Environment Control"])
-    async def reset(request: ResetRequest = Body(default_factory=ResetRequest)) -> ResetResponse:
+    async def reset(request: ResetArgs = Body(default_factory=ResetArgs)) -> ResetResponse:
         """Start an HTTP episode; its ``episode_id`` is in the observation.
 
         Body: ``seed``, ``episode_id``, ``task_id`` (or ``task_name``), ``difficulty``,
-        ``max_steps``; other keys are ignored.
+        ``split``, ``max_steps``; other keys are ignored.
         """
         env = TraceFixEnvironment(registry=get_registry(), sandbox=get_sandbox())
         try:

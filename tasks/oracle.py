@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -16,10 +17,15 @@ FATAL_REFERENCE_ERRORS = (TIMEOUT_EXCEPTION, "MemoryError", "RecursionError")
 
 
 def evaluate(
-    sandbox: SandboxBackend, code: str, tests: tuple[TaskTest, ...], **kw: Any
+    sandbox: SandboxBackend,
+    code: str,
+    tests: tuple[TaskTest, ...],
+    cancel: threading.Event | None = None,
+    **kw: Any,
 ) -> EvalResult:
     """Run ``code`` against ``tests`` in the sandbox (returns the raw ``EvalResult``)."""
-    return sandbox.run(EvalRequest(code=code, tests=tuple(t.code for t in tests), **kw))
+    request = EvalRequest(code=code, tests=tuple(t.code for t in tests), **kw)
+    return sandbox.run(request, cancel=cancel)
 
 
 def program_digest(task: Task) -> str:

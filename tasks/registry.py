@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from models import DIFFICULTIES
+from models import DIFFICULTIES, SPLITS
 from sandbox import SandboxBackend, get_sandbox
 from tasks.generate import read_corpus
 from tasks.oracle import oracle_check, program_digest
@@ -21,7 +21,6 @@ from tasks.sources import BUILTIN_DIR, GENERATED_CORPUS, TASKS_ENV, read_entries
 
 log = logging.getLogger("tracefix_rl.tasks")
 
-SPLITS = ("train", "eval")
 EVAL_SHARE = 5  # one program in five (by hash) is held out for evaluation
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from environment import (
     INVALID_ACTION_PENALTY,
@@ -61,14 +62,20 @@ def test_reset_filters_alias_and_errors(make_env):
     assert env.reset(seed=3, difficulty="HARD").difficulty == "hard"
     assert env.reset(seed=3, difficulty="easy", prompt="dataset column", foo=1).difficulty == "easy"
     current = env.state.task_id
-    for kwargs, message in (
-        ({"task_id": "nope"}, "unknown task_id"),
-        ({"difficulty": "extreme"}, "unknown difficulty"),
-        ({"seed": -1}, "seed must be"),
-        ({"max_steps": 0}, "max_steps must be"),
+    with pytest.raises(TaskSelectionError, match="unknown task_id"):
+        env.reset(task_id="nope")
+    for kwargs in (
+        {"difficulty": "extreme"},
+        {"seed": -1},
+        {"seed": False},
+        {"seed": "3"},
+        {"max_steps": 0},
+        {"task_id": ["a"]},
+        {"episode_id": ""},
     ):
-        with pytest.raises(TaskSelectionError, match=message):
+        with pytest.raises(ValidationError) as error:
             env.reset(**kwargs)
+        assert [e["loc"] for e in error.value.errors()] == [(next(iter(kwargs)),)]
     assert env.state.task_id == current  # a failed reset leaves the last episode alone
 
 
@@ -389,9 +396,10 @@ def test_busy_sandbox_is_reported_without_penalty(registry: TaskRegistry):
     while box.describe()["in_flight"] == 0:
         pass
     obs = env.step(act("RUN_TESTS"))
-    assert "sandbox busy" in obs.last_action_error and obs.reward == -STEP_COST
+    assert "sandbox busy" in obs.last_action_error and obs.reward == 0.0
+    assert "not counted" in obs.last_action_error and obs.step_count == 0
     obs = env.step(act("SUBMIT"))
-    assert "sandbox busy" in obs.last_action_error and not obs.done
+    assert "sandbox busy" in obs.last_action_error and not obs.done and obs.step_count == 0
     hog.join()
     obs = env.step(act("SUBMIT"))
     assert obs.done and obs.last_action_error is None
