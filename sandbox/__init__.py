@@ -34,7 +34,7 @@ from sandbox.pool import FairSlots, ZygotePool
 __all__ = [
     "EvalRequest", "EvalResult", "EvaluationCancelled", "FairSlots", "Limits", "SandboxBackend",
     "SandboxBusy", "SandboxFailure", "SandboxFault", "SandboxUnavailable", "TestTimeout",
-    "ZygotePool", "canonical", "get_sandbox", "prewarm",
+    "ZygotePool", "canonical", "close_sandbox", "get_sandbox", "prewarm",
 ]  # fmt: skip
 
 _TRUE = ("1", "true", "yes")
@@ -67,6 +67,17 @@ def get_sandbox() -> SandboxBackend:
         if _default is None:
             _default = sandbox_from_env()
         return _default
+
+
+def close_sandbox() -> None:
+    """Close the process-wide sandbox if it was started: running evaluations end (their
+    callers get :class:`SandboxFault`), every worker and child process is killed, and this
+    server's sandbox root is removed. Idempotent; a later ``get_sandbox()`` starts anew."""
+    global _default
+    with _default_lock:
+        backend, _default = _default, None
+    if backend is not None:
+        backend.close()
 
 
 def prewarm() -> threading.Thread:

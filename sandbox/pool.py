@@ -377,6 +377,12 @@ class ZygotePool:
             "limits": asdict(self.limits),
         }
 
+    def health_problem(self) -> str | None:
+        alive = self.describe()["workers_alive"]
+        if alive < self.size:
+            return f"{alive} of {self.size} sandbox workers are alive"
+        return None
+
     def close(self) -> None:
         with self._lock:
             workers, self._idle = list(self._idle), collections.deque()

@@ -54,6 +54,7 @@ DEFAULT_MAX_CONCURRENT_ENVS = 64
 DEFAULT_SESSION_TIMEOUT_S = 600.0
 DEFAULT_HTTP_MAX_EPISODES = 256
 DEFAULT_HTTP_EPISODE_TTL_S = 600.0
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
 
 def _env_number(name: str, default: float) -> float:
@@ -89,6 +90,9 @@ def create_tracefix_app() -> FastAPI:
         ttl_s=_env_number("HTTP_EPISODE_TTL_S", DEFAULT_HTTP_EPISODE_TTL_S),
     )
     app.state.http_episodes = episodes
+    # Largest HTTP body or WebSocket message accepted (the code file itself is capped at
+    # 20,000 characters, so 1 MiB leaves ample room for JSON escaping).
+    app.state.max_request_bytes = int(_env_number("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES))
     app.router.on_startup.insert(0, loader.wait)
     app.add_middleware(QuietWebSocketClose)
     register_http_routes(app, episodes)
