@@ -91,7 +91,9 @@ def _missing_reason(result: EvalResult) -> str:
         return "no result: the run timed out (CPU time limit reached)"
     if result.signal is not None:
         return f"no result: the process was killed by signal {result.signal}"
-    return f"no result: the process exited early (exit code {result.exit_code})"
+    if result.exit_code is not None:
+        return f"no result: the process exited early (exit code {result.exit_code})"
+    return "no result: the run ended before this test"
 
 
 def _judge_one(

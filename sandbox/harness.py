@@ -21,6 +21,10 @@ from typing import Any
 
 # Framing between the pool and its zygotes: a 4-byte big-endian length, then JSON.
 FRAME_HEADER = struct.Struct(">I")
+# First line of the result channel, written once every layer is in place and before any
+# agent code runs: a child that dies before it was killed by something other than the
+# agent's code (the worker tells such sandbox faults apart from the agent's failures).
+STARTED_LINE = b'{"started":1}\n'
 # Last line of the result channel. Agent code can write it early, which only cuts off its
 # own remaining records (missing records fail).
 DONE_LINE = b'{"done":1}\n'
@@ -121,30 +125,6 @@ def _compile_test(source: str) -> tuple[Any, Any]:
     return body, expr
 
 
-_compiled_tests: dict[str, tuple[Any, Any]] = {}
-COMPILED_TESTS_MAX = 4096
-
-
-def precompile_tests(sources: list[str]) -> list[tuple[Any, Any] | None]:
-    """Compiled tests for ``run_tests``, cached by source (called in the zygote, before the
-    fork, so children skip parsing; tests are task data, never the agent's code). A test
-    that does not compile maps to None and fails in the child, where errors are reported."""
-    compiled = []
-    for source in sources:
-        entry = _compiled_tests.get(source)
-        if entry is None:
-            try:
-                entry = _compile_test(source)
-            except (SyntaxError, ValueError, RecursionError, MemoryError):
-                compiled.append(None)
-                continue
-            if len(_compiled_tests) >= COMPILED_TESTS_MAX:
-                _compiled_tests.clear()
-            _compiled_tests[source] = entry
-        compiled.append(entry)
-    return compiled
-
-
 def _solution_line(tb: Any) -> int | None:
     line = None
     while tb is not None:
@@ -154,17 +134,17 @@ def _solution_line(tb: Any) -> int | None:
     return line
 
 
-def run_tests(
-    request: dict[str, Any], fd: int, compiled: list[tuple[Any, Any] | None] | None = None
-) -> None:
+def run_tests(request: dict[str, Any], fd: int) -> None:
     """Evaluate ``request`` (code, tests, labels, limits) and stream records to ``fd``.
 
-    ``compiled`` holds ``precompile_tests(request["tests"])`` when the caller has it. Runs
-    in the sandboxed child after every layer is in place; never returns.
+    Runs in the sandboxed child after every layer is in place; never returns. Everything it
+    compiles and runs came with this request: nothing of any other evaluation is in this
+    process (the worker forks the child before a request exists and never reads one).
     """
     write = _write
     dumps = _dumps
     limits = request["limits"]
+    write(fd, STARTED_LINE)
 
     def emit(record: dict[str, Any]) -> None:
         data = (dumps(record, separators=(",", ":")) + "\n").encode()
@@ -194,8 +174,7 @@ def run_tests(
             try:
                 if code_error is not None:
                     raise code_error
-                entry = compiled[index] if compiled is not None else None
-                body, expr = entry if entry is not None else _compile_test(source)
+                body, expr = _compile_test(source)
                 namespace: dict[str, Any] = {"__name__": "solution", "__builtins__": builtins}
                 exec(code, namespace)
                 exec(body, namespace)

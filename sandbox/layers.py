@@ -3,12 +3,18 @@
 * rlimits: CPU, address space, file size (also caps captured output), open files, no core;
 * ``no_new_privs`` and non-dumpable processes (``prctl``);
 * a seccomp-BPF deny list (x86_64): process creation, exec, sockets, ptrace and cross-process
-  memory access, io_uring, namespaces and mounts, signals to other processes, raising limits,
-  identity changes and other privileged calls; any syscall of a foreign architecture (32-bit
-  ``int 0x80``, x32) kills the process;
-* Landlock (when the kernel offers it): read-only system and stdlib paths, read-write workdir,
-  no TCP bind/connect (ABI >= 4), scoped signals and abstract unix sockets (ABI >= 6);
-* dropping root to an unprivileged uid.
+  memory access, io_uring, namespaces and mounts, signals to other processes (and SIGKILL to
+  itself, so that a SIGKILL always comes from outside), raising limits, identity changes and
+  other privileged calls; any syscall of a foreign architecture (32-bit ``int 0x80``, x32)
+  kills the process;
+* a read-only filesystem, by seccomp: every call that creates, writes, deletes, renames or
+  re-permissions a file, and every ``open`` for writing, fails with ``EROFS``. Agent code then
+  cannot fill the disk or build trees that defeat cleanup, whatever the host offers (the
+  file-size rlimit only bounds each file; nothing bounds their number without a mount);
+* Landlock (when the kernel offers it): read-only system and stdlib paths and workdir, no
+  TCP bind/connect (ABI >= 4), scoped signals and abstract unix sockets (ABI >= 6);
+* dropping root to an unprivileged uid; the parent-death signal, so a child never outlives
+  its worker.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import errno
 import os
 import platform
 import resource
+import signal
 import struct
 import sys
 import sysconfig
@@ -27,6 +34,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 _libc.prctl.restype = ctypes.c_int
 
+PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_SET_MODE_FILTER = 1
@@ -56,6 +64,19 @@ SYSCALLS_X86_64 = {
     "setgid": 106, "setreuid": 113, "setregid": 114, "setresuid": 117, "setresgid": 119,
     "setgroups": 116, "capset": 126, "landlock_create_ruleset": 444,
     "landlock_add_rule": 445, "landlock_restrict_self": 446, "seccomp": 317,
+    "open": 2, "openat": 257, "openat2": 437, "creat": 85, "mkdir": 83, "mkdirat": 258,
+    "rmdir": 84, "link": 86, "linkat": 265, "unlink": 87, "unlinkat": 263, "symlink": 88,
+    "symlinkat": 266, "rename": 82, "renameat": 264, "renameat2": 316, "chmod": 90,
+    "fchmod": 91, "fchmodat": 268, "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260,
+    "truncate": 76, "utime": 132, "utimes": 235, "futimesat": 261, "utimensat": 280,
+    "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190, "removexattr": 197,
+    "lremovexattr": 198, "fremovexattr": 199,
+}  # fmt: skip
+# Calls newer than the kernel headers of older build hosts (x86_64 syscall_64.tbl of Linux
+# 6.6 for fchmodat2, 6.13 for the *xattrat calls and open_tree_attr, 6.17 for file_setattr).
+SYSCALLS_X86_64_NEWER = {
+    "fchmodat2": 452, "setxattrat": 463, "removexattrat": 466, "open_tree_attr": 467,
+    "file_setattr": 469,
 }  # fmt: skip
 # Denied outright with EPERM (the agent sees an ordinary PermissionError).
 DENIED_SYSCALLS = (
@@ -68,9 +89,22 @@ DENIED_SYSCALLS = (
     "personality", "mknod", "mknodat", "name_to_handle_at", "open_by_handle_at", "quotactl",
     "syslog", "reboot", "init_module", "finit_module", "delete_module", "kexec_load",
     "kexec_file_load", "acct", "swapon", "swapoff", "setrlimit", "setuid", "setgid",
-    "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "capset",
+    "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "capset", "open_tree_attr",
 )  # fmt: skip
-# Allowed only when the first argument is the calling process itself.
+# Denied with EROFS: the filesystem is read-only for agent code.
+READ_ONLY_FS_SYSCALLS = (
+    "creat", "mkdir", "mkdirat", "rmdir", "link", "linkat", "unlink", "unlinkat", "symlink",
+    "symlinkat", "rename", "renameat", "renameat2", "chmod", "fchmod", "fchmodat",
+    "fchmodat2", "chown", "fchown", "lchown", "fchownat", "truncate", "utime", "utimes",
+    "futimesat", "utimensat", "setxattr", "lsetxattr", "fsetxattr", "removexattr",
+    "lremovexattr", "fremovexattr", "setxattrat", "removexattrat", "file_setattr",
+)  # fmt: skip
+# open/openat fail with EROFS when their flags ask to write, create or truncate (O_TMPFILE
+# and O_APPEND need a write mode too); openat2 carries its flags in memory that seccomp
+# cannot read, so it is refused with ENOSYS (Python and glibc's open() never use it).
+OPEN_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC
+# Allowed only when the first argument is the calling process itself (and the signal is not
+# SIGKILL: a child killed by SIGKILL was then killed from outside, or by its CPU limit).
 SELF_SIGNAL_SYSCALLS = ("kill", "tgkill", "rt_tgsigqueueinfo")
 
 # Landlock (include/uapi/linux/landlock.h)
@@ -98,6 +132,12 @@ def _check(result: int, what: str) -> int:
 def set_dumpable(enabled: bool) -> None:
     """Mark this process (non-)dumpable: a non-dumpable process's /proc files are root-only."""
     _check(_libc.prctl(PR_SET_DUMPABLE, int(enabled), 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def set_parent_death_signal(signum: int) -> None:
+    """Have the kernel send ``signum`` to this process when its parent exits (cleared by a
+    uid change, so set it again after :func:`drop_root`)."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signum, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
 
 
 def set_no_new_privs() -> None:
@@ -204,7 +244,7 @@ def _assemble_seccomp(own_pid: int) -> bytes:
 
 
 def _seccomp_ops(own_pid: int) -> _Program:
-    numbers = SYSCALLS_X86_64
+    numbers = {**SYSCALLS_X86_64, **SYSCALLS_X86_64_NEWER}
     p = _Program()
     p.load(_ARCH)
     p.jump(_JEQ_K, AUDIT_ARCH_X86_64, 0, "kill")
@@ -212,12 +252,30 @@ def _seccomp_ops(own_pid: int) -> _Program:
     p.jump(_JGE_K, X32_SYSCALL_BIT, "kill", 0)
     p.jump(_JEQ_K, numbers["clone"], "clone", 0)
     p.jump(_JEQ_K, numbers["clone3"], "enosys", 0)
+    p.jump(_JEQ_K, numbers["openat2"], "enosys", 0)
     p.jump(_JEQ_K, numbers["prlimit64"], "prlimit", 0)
-    for name in SELF_SIGNAL_SYSCALLS:
-        p.jump(_JEQ_K, numbers[name], "self_only", 0)
+    p.jump(_JEQ_K, numbers["open"], "open_flags", 0)
+    p.jump(_JEQ_K, numbers["openat"], "openat_flags", 0)
+    p.jump(_JEQ_K, numbers["kill"], "kill_signal", 0)
+    for name in SELF_SIGNAL_SYSCALLS[1:]:
+        p.jump(_JEQ_K, numbers[name], "tgkill_signal", 0)
     for name in DENIED_SYSCALLS:
         p.jump(_JEQ_K, numbers[name], "eperm", 0)
+    for name in READ_ONLY_FS_SYSCALLS:
+        p.jump(_JEQ_K, numbers[name], "erofs", 0)
     p.ret(SECCOMP_RET_ALLOW)
+    p.label("open_flags")  # open(path, flags, mode)
+    p.load(_arg(1))
+    p.jump(_JSET_K, OPEN_WRITE_FLAGS, "erofs", "allow")
+    p.label("openat_flags")  # openat(dirfd, path, flags, mode)
+    p.load(_arg(2))
+    p.jump(_JSET_K, OPEN_WRITE_FLAGS, "erofs", "allow")
+    p.label("kill_signal")  # kill(pid, sig)
+    p.load(_arg(1))
+    p.jump(_JEQ_K, signal.SIGKILL, "eperm", "self_only")
+    p.label("tgkill_signal")  # tgkill(tgid, tid, sig), rt_tgsigqueueinfo(tgid, tid, sig, info)
+    p.load(_arg(2))
+    p.jump(_JEQ_K, signal.SIGKILL, "eperm", "self_only")
     p.label("clone")  # threads (CLONE_THREAD) only
     p.load(_arg(0))
     p.jump(_JSET_K, CLONE_THREAD, "allow", "eperm")
@@ -236,6 +294,8 @@ def _seccomp_ops(own_pid: int) -> _Program:
     p.ret(SECCOMP_RET_ALLOW)
     p.label("eperm")
     p.ret(SECCOMP_RET_ERRNO | errno.EPERM)
+    p.label("erofs")
+    p.ret(SECCOMP_RET_ERRNO | errno.EROFS)
     p.label("enosys")
     p.ret(SECCOMP_RET_ERRNO | errno.ENOSYS)
     p.label("kill")
@@ -307,10 +367,11 @@ def open_read_only(paths: list[str]) -> list[tuple[int, bool]]:
 
 
 def apply_landlock(abi: int, workdir_fd: int, read_only: list[tuple[int, bool]]) -> None:
-    """Restrict this process to reading ``read_only`` and writing beneath the workdir.
+    """Restrict this process to reading ``read_only`` and its workdir (and /dev/null).
 
     ``read_only`` holds (O_PATH fd, is_dir) pairs from :func:`open_read_only`; the workdir
-    is given as an fd too, opened before any uid drop.
+    is given as an fd too, opened before any uid drop. Nothing is writable but /dev/null:
+    the same read-only filesystem the seccomp filter enforces, so either layer alone holds.
     """
     handled_fs = _fs_rights(abi)
     handled_net = NET_BIND_TCP | NET_CONNECT_TCP if abi >= 4 else 0
@@ -326,7 +387,7 @@ def apply_landlock(abi: int, workdir_fd: int, read_only: list[tuple[int, bool]])
         file_rights = FS_EXECUTE | FS_READ_FILE | FS_WRITE_FILE | (1 << 14)
         read = FS_EXECUTE | FS_READ_FILE | FS_READ_DIR
         rules = [(fd, read if is_dir else read & file_rights) for fd, is_dir in read_only]
-        rules.append((workdir_fd, handled_fs))
+        rules.append((workdir_fd, read))
         own.append(os.open("/dev/null", O_PATH | os.O_CLOEXEC))
         rules.append((own[-1], FS_READ_FILE | FS_WRITE_FILE))
         for fd, rights in rules:

@@ -1,17 +1,27 @@
-"""A warm sandbox worker ("zygote"): forks one isolated child per evaluation.
+"""A warm sandbox worker ("zygote"): forks one isolated child per evaluation, *before* the
+evaluation exists.
 
 Started by :class:`sandbox.pool.ZygotePool` with ``exec`` (never a fork of the server) and a
 minimal environment, so it never holds the server's sockets, threads or secrets. It is
 single-threaded and non-dumpable, preloads the harness, the layers and common standard
-library modules, then serves requests framed as a 4-byte big-endian length plus JSON on
-stdin/stdout, one at a time. Per request it creates a fresh working directory, forks a child
-that applies every layer (see :func:`_setup_child`) and runs the harness, supervises it
-against the wall-clock deadline, SIGKILLs its process group, and returns the raw records and
-the captured output. It never judges anything.
+library modules, probes the layers once, then loops:
 
-At start-up it probes the layers in a throw-away child and reports which ones are enforced
-in a hello message; a layer that fails the probe is not applied (the pool decides whether to
-run degraded).
+1. fork a child, which applies the layers that need no request (new session, descriptors,
+   working directory, uid drop, parent-death signal, Landlock) and blocks reading its
+   request from a pipe. Its working directory is the worker's one empty directory, which
+   no child can write to (the filesystem is read-only to agent code), so no evaluation can
+   leave anything there for another and there is nothing to clean up per evaluation;
+2. hand the server, over the control socket, the child's pid and three descriptors: the
+   request pipe's write end, the result pipe's read end and the output memfd. The server
+   writes the request straight to the child and reads its results straight from it;
+3. wait for the server's ``end`` (or the socket's EOF): SIGKILL the child's process group,
+   reap it, report its wait status and CPU time.
+
+So **no request, test, code or result ever passes through this process**: each child is a
+copy of a worker that holds nothing from any evaluation, and forking is off the request's
+critical path. The wall clock is the server's (it sends ``end`` at the deadline); a child
+outlives neither its worker (parent-death signal) nor the server (control socket EOF).
+Control messages are one JSON object per SOCK_SEQPACKET datagram.
 """
 
 from __future__ import annotations
@@ -26,14 +36,12 @@ import layers  # noqa: E402
 
 sys.path.remove(_HERE)  # agent code cannot import the sandbox's own modules
 
+import errno  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import select  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
-import stat  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 # Modules agent code commonly imports, loaded once here so that children find them in
@@ -66,43 +74,39 @@ PRELOAD = [
 for _name in PRELOAD:
     __import__(_name)
 
-HEADER = harness.FRAME_HEADER
 READ_CHUNK = 65536
-CHILD_SETUP_FAILED = 70
+MESSAGE_BYTES = 65536  # control messages are tiny; this bounds the receive buffer
+CHILD_SETUP_FAILED = 70  # the child's exit code when a configured layer did not apply
+PROBE_TIMEOUT_S = 10.0
 
 
-def read_message(fd: int) -> dict | None:
-    """One framed JSON message from ``fd``; None at EOF."""
-    header = _read_exact(fd, HEADER.size)
-    if header is None:
-        return None
-    body = _read_exact(fd, HEADER.unpack(header)[0])
-    return None if body is None else json.loads(body)
+def send(sock: socket.socket, message: dict, fds: list[int] | None = None) -> None:
+    """One control message (with descriptors attached, if any)."""
+    data = json.dumps(message, separators=(",", ":")).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
 
 
-def write_message(fd: int, message: dict) -> None:
-    body = json.dumps(message, separators=(",", ":")).encode()
-    data = HEADER.pack(len(body)) + body
-    while data:
-        data = data[os.write(fd, data) :]
+def receive(sock: socket.socket) -> dict | None:
+    """The next control message; None at EOF."""
+    data = sock.recv(MESSAGE_BYTES)
+    return json.loads(data) if data else None
 
 
-def _read_exact(fd: int, size: int) -> bytes | None:
-    chunks, remaining = [], size
-    while remaining:
-        chunk = os.read(fd, min(remaining, READ_CHUNK))
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
+WORKDIR_MODE = 0o555  # readable and searchable by the dropped uid, writable by nobody
 
 
 class Config:
-    """Which layers to apply in children (decided by the probe)."""
+    """Which layers to apply in children (decided by the probe), and their directory."""
 
     def __init__(self, root: str, options: dict) -> None:
         self.root = root
+        self.workdir = os.path.join(root, "cwd")
+        os.makedirs(self.workdir, exist_ok=True)
+        os.chmod(self.workdir, WORKDIR_MODE)
+        self.workdir_fd = os.open(self.workdir, layers.O_PATH | os.O_CLOEXEC)
         self.uid: int | None = None
         if os.geteuid() == 0 and not options.get("no_uid_drop"):
             self.uid = int(options.get("uid", layers.UNPRIVILEGED_UID))
@@ -114,30 +118,44 @@ class Config:
             layers.seccomp_program(0)  # assemble once here, not in every child
 
 
-def _setup_child(config: Config, workdir: str, out_fd: int, keep_fd: int, limits: dict) -> dict:
-    """Apply every configured layer in a freshly forked child; return {layer: error}."""
+# -- in the child ---------------------------------------------------------------------------
+
+
+def _setup_child(config: Config, out_fd: int, keep: tuple[int, ...]) -> dict:
+    """Apply the layers that need no request; return {layer: error} for any that failed."""
     errors: dict[str, str] = {}
+    layers.set_parent_death_signal(signal.SIGKILL)
     os.setsid()
     devnull = os.open("/dev/null", os.O_RDWR)
     os.dup2(devnull, 0)
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
-    os.chdir(workdir)
-    workdir_fd = os.open(workdir, layers.O_PATH | os.O_CLOEXEC)  # before the uid drop
+    os.chdir(config.workdir)
     if config.uid is not None:
         try:
             layers.drop_root(config.uid)
         except OSError as exc:
             errors["uid_drop"] = str(exc)
+    layers.set_parent_death_signal(signal.SIGKILL)  # a uid change cleared it
     layers.set_no_new_privs()
-    layers.apply_rlimits(limits)
     if config.landlock_abi:
         try:
-            layers.apply_landlock(config.landlock_abi, workdir_fd, config.read_only)
+            layers.apply_landlock(config.landlock_abi, config.workdir_fd, config.read_only)
         except OSError as exc:
             errors["landlock"] = str(exc)
-    os.closerange(3, keep_fd)
-    os.closerange(keep_fd + 1, 1 << 16)
+    lowest = 3
+    for fd in sorted(keep):
+        os.closerange(lowest, fd)
+        lowest = fd + 1
+    os.closerange(lowest, 1 << 16)
+    return errors
+
+
+def _finish_setup(config: Config, limits: dict) -> dict:
+    """Apply the layers that depend on the request's limits (the seccomp filter denies
+    changing rlimits, so it comes last); return {layer: error}."""
+    errors: dict[str, str] = {}
+    layers.apply_rlimits(limits)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if config.seccomp:
@@ -148,26 +166,67 @@ def _setup_child(config: Config, workdir: str, out_fd: int, keep_fd: int, limits
     return errors
 
 
-def _make_workdir(config: Config) -> str:
-    workdir = tempfile.mkdtemp(prefix="run-", dir=config.root)
-    if config.uid is not None:
-        os.chown(workdir, config.uid, config.uid)
-    return workdir
+def _read_request(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, READ_CHUNK):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
-def _remove_tree(path: str) -> None:
-    """Delete ``path`` even if the child stripped permissions from what it created."""
+def _child_main(config: Config, out_fd: int, request_fd: int, record_fd: int, worker: int):
+    """The child: layers, then its own request, then the harness. Never returns."""
+    try:
+        if _setup_child(config, out_fd, (request_fd, record_fd)):
+            os._exit(CHILD_SETUP_FAILED)  # fail closed: a configured layer did not apply
+        if os.getppid() != worker:
+            os._exit(CHILD_SETUP_FAILED)  # the worker died before the death signal was set
+        raw = _read_request(request_fd)
+        os.close(request_fd)
+        if not raw:
+            os._exit(0)  # the server let this child go unused
+        request = json.loads(raw)
+        del raw
+        if _finish_setup(config, request["limits"]):
+            os._exit(CHILD_SETUP_FAILED)
+        harness.run_tests(request, record_fd)
+    finally:
+        os._exit(CHILD_SETUP_FAILED)
 
-    def unlock(function, target, _exc_info) -> None:
-        try:
-            os.chmod(os.path.dirname(target), stat.S_IRWXU)
-            if os.path.isdir(target) and not os.path.islink(target):
-                os.chmod(target, stat.S_IRWXU)
-            function(target)
-        except OSError:
-            pass
 
-    shutil.rmtree(path, onerror=unlock)
+# -- in the worker ----------------------------------------------------------------------------
+
+
+class Child:
+    """A forked, half-layered child waiting for its request."""
+
+    def __init__(self, config: Config) -> None:
+        self.out_fd = os.memfd_create("sandbox-output", os.MFD_CLOEXEC)
+        request_r, self.request_w = os.pipe()
+        self.record_r, record_w = os.pipe()
+        worker = os.getpid()
+        self.pid = os.fork()
+        if self.pid == 0:
+            os.close(self.request_w)
+            os.close(self.record_r)
+            _child_main(config, self.out_fd, request_r, record_w, worker)
+        os.close(request_r)
+        os.close(record_w)
+
+    def handles(self) -> list[int]:
+        """The descriptors the server needs: request writer, record reader, output memfd."""
+        return [self.request_w, self.record_r, self.out_fd]
+
+    def release_handles(self) -> None:
+        """Close this process's copies once the server holds them (the child sees the
+        request pipe's EOF only when the server closes the last writer)."""
+        for fd in self.handles():
+            os.close(fd)
+
+    def end(self) -> tuple[int, float]:
+        """SIGKILL the child's process group, reap it; (wait status, CPU seconds it used)."""
+        _kill_group(self.pid)
+        _, status, usage = os.wait4(self.pid, 0)
+        return status, usage.ru_utime + usage.ru_stime
 
 
 def _kill_group(pid: int) -> None:
@@ -178,132 +237,67 @@ def _kill_group(pid: int) -> None:
             pass
 
 
-def _read_records(fd: int, deadline: float, cap: int) -> tuple[bytes, str]:
-    """Read the result channel; returns (data, how it ended).
-
-    ``how`` is ``"done"`` (the harness's last line), ``"eof"`` (the child exited or closed
-    the channel), ``"timeout"`` (wall-clock deadline) or ``"overflow"`` (more than ``cap``).
-    """
-    data = b""
+def serve(config: Config, control: socket.socket) -> None:
+    """Fork children and hand them to the server until the control socket closes."""
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return data, "timeout"
-        ready, _, _ = select.select([fd], [], [], remaining)
-        if not ready:
-            return data, "timeout"
-        chunk = os.read(fd, READ_CHUNK)
-        if not chunk:
-            return data, "eof"
-        data += chunk
-        if len(data) > cap:
-            return data[:cap], "overflow"
-        if data.endswith(harness.DONE_LINE):
-            return data[: -len(harness.DONE_LINE)], "done"
-
-
-class Evaluation:
-    """One evaluation: :meth:`run` collects the child's output; :meth:`cleanup` reaps it and
-    removes its working directory (done after the response has been sent)."""
-
-    def __init__(self, config: Config, request: dict) -> None:
-        self.config = config
-        self.request = request
-        self.pid = 0
-        self.workdir = ""
-
-    def run(self) -> dict:
-        return evaluate(self.config, self.request, self)
-
-    def cleanup(self) -> None:
-        if self.pid:
-            _kill_group(self.pid)
-            os.waitpid(self.pid, 0)
-        if self.workdir:
-            _remove_tree(self.workdir)
-
-
-def evaluate(config: Config, request: dict, pending: Evaluation | None = None) -> dict:
-    """Run one request in a fresh, fully layered child and collect what it produced.
-
-    With ``pending``, reaping the child and removing its working directory are left to
-    ``pending.cleanup()``; the child's process group is SIGKILLed before this returns.
-    """
-    limits = request["limits"]
-    workdir = _make_workdir(config)
-    out_fd = os.memfd_create("sandbox-output", os.MFD_CLOEXEC)
-    rec_r, rec_w = os.pipe()
-    start = time.monotonic()
-    compiled = harness.precompile_tests(request["tests"])
-    pid = os.fork()
-    if pid == 0:
+        child = Child(config)
         try:
-            os.close(rec_r)
-            if _setup_child(config, workdir, out_fd, rec_w, limits):
-                os._exit(CHILD_SETUP_FAILED)  # fail closed: a configured layer did not apply
-            harness.run_tests(request, rec_w, compiled)
-        finally:
-            os._exit(CHILD_SETUP_FAILED)
-    os.close(rec_w)
-    status = None
-    try:
-        raw, ended = _read_records(
-            rec_r, start + float(limits["wall_s"]), int(limits["result_bytes"])
-        )
-        _kill_group(pid)
-        if pending is not None and ended == "done":
-            pending.pid = pid  # finished normally: reap it after answering
-        else:
-            _, status = os.waitpid(pid, 0)
-        duration_ms = (time.monotonic() - start) * 1000.0
-        size = os.fstat(out_fd).st_size
-        cap = int(limits["output_bytes"])
-        output = os.pread(out_fd, min(size, cap), 0)
-    finally:
-        os.close(rec_r)
-        os.close(out_fd)
-        if pending is None:
-            _remove_tree(workdir)
-        else:
-            pending.workdir = workdir
-    code = os.waitstatus_to_exitcode(status) if status is not None else 0
-    return {
-        "records": raw.decode("utf-8", errors="replace"),
-        "output": output.decode("utf-8", errors="replace"),
-        "output_truncated": size > cap,
-        "exit_code": code if code >= 0 else None,
-        "signal": -code if code < 0 else None,
-        "timed_out": ended == "timeout",
-        "result_overflow": ended == "overflow",
-        "duration_ms": duration_ms,
-    }
+            send(control, {"ready": child.pid}, child.handles())
+        except OSError:
+            child.release_handles()
+            child.end()
+            return
+        child.release_handles()
+        message = _next_message(control)
+        status, cpu_s = child.end()
+        if message is None:
+            return
+        try:
+            send(control, {"ended": child.pid, "status": status, "cpu_s": round(cpu_s, 4)})
+        except OSError:
+            return
+
+
+def _next_message(control: socket.socket) -> dict | None:
+    while True:
+        try:
+            return receive(control)
+        except InterruptedError:
+            continue
+        except OSError:
+            return None
+
+
+# -- the layer probe --------------------------------------------------------------------------
 
 
 def probe(config: Config) -> dict:
     """Apply the layers in a throw-away child and check each one really holds."""
     limits = {"cpu_s": 2, "memory_mb": 1024, "output_bytes": 65536, "open_files": 64}
-    workdir = _make_workdir(config)
     out_fd = os.memfd_create("sandbox-probe", os.MFD_CLOEXEC)
     rec_r, rec_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(rec_r)
-            report: dict = {"errors": _setup_child(config, workdir, out_fd, rec_w, limits)}
-            report["uid"] = os.getuid()
+            errors = _setup_child(config, out_fd, (rec_w,))
+            errors.update(_finish_setup(config, limits))
+            report: dict = {"errors": errors, "uid": os.getuid()}
             report["rlimits"] = layers.resource.getrlimit(layers.resource.RLIMIT_CPU)[1] == 3
-            report["seccomp"] = _denied(lambda: socket.socket().close())
-            report["landlock"] = _denied(lambda: open("/proc/self/status").close())
+            report["seccomp"] = _fails(lambda: socket.socket().close(), errno.EPERM)
+            report["read_only_fs"] = _fails(
+                lambda: open("probe", "w").close(), errno.EROFS, errno.EACCES
+            )
+            report["landlock"] = _fails(lambda: open("/proc/self/status").close(), errno.EACCES)
             os.write(rec_w, json.dumps(report).encode())
         finally:
             os._exit(0)
     os.close(rec_w)
-    raw, _ = _read_records(rec_r, time.monotonic() + 10, 1 << 16)
+    raw = _read_all(rec_r, time.monotonic() + PROBE_TIMEOUT_S)
     _kill_group(pid)
     os.waitpid(pid, 0)
     for fd in (rec_r, out_fd):
         os.close(fd)
-    _remove_tree(workdir)
     report = json.loads(raw or b'{"errors": {"probe": "no report"}}')
     errors = report.get("errors", {})
     seccomp = config.seccomp and report.get("seccomp") is True and "seccomp" not in errors
@@ -314,6 +308,7 @@ def probe(config: Config) -> dict:
         config.uid = None
     return {
         "seccomp": seccomp,
+        "read_only_fs": report.get("read_only_fs") is True and (seccomp or landlock),
         "landlock_abi": config.landlock_abi,
         "uid_drop": uid_drop,
         "uid": report.get("uid"),
@@ -324,32 +319,38 @@ def probe(config: Config) -> dict:
     }
 
 
-def _denied(action) -> bool:
+def _read_all(fd: int, deadline: float) -> bytes:
+    data = b""
+    while (remaining := deadline - time.monotonic()) > 0:
+        if not select.select([fd], [], [], remaining)[0]:
+            break
+        chunk = os.read(fd, READ_CHUNK)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _fails(action, *expected_errnos: int) -> bool:
+    """Whether ``action`` fails with one of ``expected_errnos`` (the layer under test holds)."""
     try:
         action()
-    except PermissionError:
-        return True
-    except OSError:
-        return False
+    except OSError as exc:
+        return exc.errno in expected_errnos
     return False
 
 
 def main() -> None:
-    """``zygote.py ROOT OPTIONS_JSON``: probe, say hello, then serve requests until EOF."""
-    root, options = sys.argv[1], json.loads(sys.argv[2])
+    """``zygote.py ROOT OPTIONS_JSON CONTROL_FD``: probe, say hello, then serve until EOF."""
+    root, options, control_fd = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     layers.set_dumpable(False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server handles Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ...and SIGTERM: it ends us in order
+    control = socket.socket(fileno=control_fd)
     config = Config(root, options)
-    write_message(1, {"hello": os.getpid(), "layers": probe(config)})
+    send(control, {"hello": os.getpid(), "layers": probe(config)})
     gc.freeze()  # children's collections skip the zygote's objects: fewer copy-on-write faults
-    while (request := read_message(0)) is not None:
-        evaluation = Evaluation(config, request)
-        try:
-            response = evaluation.run()
-        except Exception as exc:  # noqa: BLE001 - report, keep serving
-            response = {"error": f"{type(exc).__name__}: {exc}"}
-        write_message(1, response)
-        evaluation.cleanup()
+    serve(config, control)
 
 
 if __name__ == "__main__":

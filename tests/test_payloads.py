@@ -5,9 +5,9 @@ server's fd count is unchanged, and the secret in the server's exec-time environ
 in no observation.
 
 The suite runs twice: with every layer the kernel offers, and with Landlock forced off
-(``SANDBOX_DISABLE_LANDLOCK=1``), which pins the degraded-mode expectations: writing,
-deleting and reading files outside the working directory and planting files in shared
-temporary directories then succeed; everything else is unchanged.
+(``SANDBOX_DISABLE_LANDLOCK=1``), which pins the degraded-mode expectations: reading files
+outside the working directory then succeeds; everything else is unchanged (the filesystem
+stays read-only through the seccomp filter, so nothing can be written, deleted or planted).
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ def world(request) -> Iterator[World]:
     post(world, "/reset", {"task_id": TASK, "episode_id": "canary"})
     canary_check(world)
     world.baseline_pids = set(all_pids())
+
     world.baseline_fds = health(world)["server"]["open_fds"]
     yield world
     listeners.close()
@@ -220,18 +221,46 @@ def leftover_workdirs(root: Path) -> list[str]:
     return found
 
 
+def ours(pid: int, facts: dict[int, tuple[int, int]], world: World) -> bool:
+    """Whether ``pid`` belongs to the server under test: it descends from it, or it works
+    in its sandbox root (a process that escaped its parent would be re-parented). Other
+    tests' servers may run at the same time on this machine."""
+    seen = set()
+    while pid in facts and pid not in seen:
+        seen.add(pid)
+        pid = facts[pid][1]
+        if pid == world.server.proc.pid:
+            return True
+    try:
+        return os.readlink(f"/proc/{next(iter(seen))}/cwd").startswith(str(world.root))
+    except (OSError, StopIteration):
+        return False
+
+
 def leftover_processes(world: World) -> list[int]:
-    """Processes that appeared during the payload, run as the sandbox uid, and are not the
-    server's workers (a respawned worker is a direct child of the server and is allowed)."""
+    """Processes of the server under test that appeared during the payload, run as the
+    sandbox uid, and are neither a worker (a direct child of the server; respawned ones are
+    allowed) nor the one pre-forked child each worker keeps waiting for its next request."""
     server_pid = world.server.proc.pid
+    facts = {}
+    for pid in all_pids():
+        found = process_uid_and_parent(pid)
+        if found is not None:
+            facts[pid] = found
+    workers = {pid for pid, (_, parent) in facts.items() if parent == server_pid}
+    waiting: dict[int, list[int]] = {}
     leftovers = []
-    for pid in set(all_pids()) - world.baseline_pids:
-        facts = process_uid_and_parent(pid)
-        if facts is None or facts[0] != world.child_uid:
+    for pid, (uid, parent) in facts.items():
+        if pid in world.baseline_pids or pid in workers or pid in (os.getpid(), server_pid):
             continue
-        if pid in (os.getpid(), server_pid) or facts[1] == server_pid:
+        if uid != world.child_uid or not ours(pid, facts, world):
             continue
-        leftovers.append(pid)
+        if parent in workers:
+            waiting.setdefault(parent, []).append(pid)
+        else:
+            leftovers.append(pid)
+    for children in waiting.values():
+        leftovers += sorted(children)[:-1]  # more than one child: the older ones linger
     return leftovers
 
 
@@ -262,11 +291,13 @@ def all_fail_with(fragment: str) -> Callable[[dict, World], None]:
     return check
 
 
-def victim_file(name: str, exists_with_landlock: bool) -> Callable[[dict, World], None]:
+def victim_file(name: str, exists: bool) -> Callable[[dict, World], None]:
+    """The write was refused (read-only filesystem) and the victim file is as it was."""
+
     def check(obs: dict, world: World) -> None:
         assert obs["tests_passed"] == VISIBLE, obs["test_results"]
-        present = (world.victims / name).exists()
-        assert present is (exists_with_landlock if world.landlock else not exists_with_landlock)
+        assert "DENIED OSError" in obs["last_execution_output"], obs["last_execution_output"]
+        assert (world.victims / name).exists() is exists
 
     return check
 
@@ -331,7 +362,7 @@ def planted(obs: dict, world: World) -> None:
         exists = os.path.exists(path)
         if exists:
             os.unlink(path)
-        assert exists is (not world.landlock), path
+        assert not exists, path
 
 
 def proc_of_server(obs: dict, world: World) -> None:
@@ -441,9 +472,9 @@ PAYLOADS = [
     Payload("output_flood_forever",
             "def sum_of_evens(nums):\n    while True:\n        print('y' * 10000)\n", passed(0)),
     Payload("write_outside_workdir", guarded("open('$victim_dir/written.txt', 'w').write('x')"),
-            victim_file("written.txt", exists_with_landlock=False)),
+            victim_file("written.txt", exists=False)),
     Payload("delete_outside_workdir", guarded("import os\nos.unlink('$victim_dir/keep.txt')"),
-            victim_file("keep.txt", exists_with_landlock=True)),
+            victim_file("keep.txt", exists=True)),
     Payload("read_outside_workdir", guarded("print('READ', open('$victim_dir/secret.txt').read())"),
             read_outside),
     Payload("read_hidden_task_data", guarded("print(open('$task_file').read())"), read_task_data),
