@@ -66,6 +66,9 @@ DEFAULT_MAX_STEPS = 50
 MAX_FILE_LINES = 400
 MAX_FILE_CHARS = 20_000
 UNDO_DEPTH = 50
+# Characters of code the undo history may hold (10 files at the size cap): bounds an
+# episode's memory, since a server keeps hundreds of them; the oldest levels go first.
+UNDO_MAX_CHARS = 10 * 20_000
 CONTEXT_RADIUS = 6
 CONTEXT_CHARS = 4000
 OUTPUT_CHARS = 2000
@@ -219,7 +222,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         )  # fmt: skip
         self._task = task
         self._lines = task.buggy_code.rstrip("\n").split("\n")
-        self._history: list[list[str]] = []
+        self._history: list[str] = []  # earlier versions of the file, oldest first
         self._phi_measured = task.buggy_visible_passed / len(task.visible_tests)
         self._measured_code: str | None = None
         self._measured: tuple[Verdict, str] | None = None
@@ -389,7 +392,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
     def _undo_edit(self, action: TraceFixAction) -> float:
         if not self._history:
             raise ActionError("nothing to undo")
-        self._lines = self._history.pop()
+        self._lines = self._history.pop().split("\n")[:-1]
         self._output = f"Undid the last edit; the file has {len(self._lines)} lines."
         self._focus = None
         return 0.0
@@ -512,8 +515,11 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         return self._parsed[1]
 
     def _push_history(self) -> None:
-        self._history.append(list(self._lines))
+        self._history.append("".join(line + "\n" for line in self._lines))
         del self._history[:-UNDO_DEPTH]
+        total = sum(map(len, self._history))
+        while total > UNDO_MAX_CHARS and len(self._history) > 1:
+            total -= len(self._history.pop(0))
 
     def _window_around(self, line: int) -> tuple[int, int, int | None]:
         return (line - CONTEXT_RADIUS, line + CONTEXT_RADIUS, line)

@@ -43,12 +43,12 @@ from typing import Annotated, Any  # noqa: E402
 
 from openenv.core.env_server.types import Action, Observation, State  # noqa: E402
 from pydantic import (  # noqa: E402
-    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
     StrictInt,
+    field_validator,
     model_validator,
 )
 
@@ -92,15 +92,59 @@ def escape_surrogates_in(value: Any) -> Any:
     return value
 
 
-SafeText = Annotated[str, AfterValidator(escape_surrogates)]
-"""A string that arrived from a client or from agent code, made encodable as UTF-8."""
+def _escaped(value: Any) -> Any:
+    return escape_surrogates(value) if isinstance(value, str) else value
+
+
+SafeText = Annotated[str, BeforeValidator(_escaped)]
+"""A string that arrived from a client or from agent code, made encodable as UTF-8 (before
+its length limits apply: the limits hold for the escaped text that is stored and echoed)."""
+
+
+def json_integer(value: Any) -> Any:
+    """Before-validator of a ``StrictInt`` field: accept a JSON integer as JSON Schema defines
+    it, an int or a float with no fractional part (``5.0``), and never a bool or a string.
+
+    Lax ``int`` took ``true`` as 1 and ``"5"`` as 5, which the published schema (``"type":
+    "integer"``) refuses; ``StrictInt`` alone refused ``5.0``, which the schema accepts
+    (issue 10: schemathesis found both). A field validator, not ``Annotated[...,
+    BeforeValidator]``: with the latter pydantic 2.14 publishes ``ge`` as ``"ge"`` instead of
+    ``"minimum"`` in the JSON schema.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_CHOICE_BLANKS = " \t\r\n"
 
 
 def _normalized(value: Any) -> Any:
-    """Lower-case and strip a string choice; an empty one means "not given"."""
-    if isinstance(value, str):
-        return value.strip().lower() or None
+    """Lower-case and strip a string choice; an empty one means "not given".
+
+    ASCII only (letters and the blanks of ``_CHOICE_BLANKS``), so that :func:`choice_schema`
+    can publish exactly what is accepted: ``str.strip()`` also strips the separators U+001C
+    to U+001F, which a JSON Schema pattern's ``\\s`` does not match (issue 10: schema and
+    behaviour agree).
+    """
+    if isinstance(value, str) and value.isascii():
+        return value.strip(_CHOICE_BLANKS).lower() or None
     return value
+
+
+def choice_schema(choices: tuple[str, ...]) -> dict[str, Any]:
+    """JSON schema of an optional choice read by :func:`_normalized`: one of ``choices``,
+    or the same in any ASCII case with surrounding blanks, or blank (not given), or null."""
+    blanks = "[ \\t\\r\\n]*"
+    words = "|".join(
+        "".join(f"[{c.upper()}{c}]" if c.isalpha() else re.escape(c) for c in word)
+        for word in choices
+    )
+    return {"anyOf": [
+        {"type": "string", "enum": list(choices)},
+        {"type": "string", "pattern": f"^{blanks}(?:{words})?{blanks}$"},
+        {"type": "null"},
+    ]}  # fmt: skip
 
 
 class TraceFixAction(Action):
@@ -115,10 +159,10 @@ class TraceFixAction(Action):
     """
 
     action_type: ActionType = Field(description="Which action to take.")
-    start_line: int | None = Field(
+    start_line: StrictInt | None = Field(
         default=None, description="First line (1-indexed) for REPLACE_LINES / VIEW_CODE."
     )
-    end_line: int | None = Field(
+    end_line: StrictInt | None = Field(
         default=None, description="Last line (inclusive) for REPLACE_LINES / VIEW_CODE."
     )
     new_code_block: SafeText | None = Field(
@@ -128,6 +172,8 @@ class TraceFixAction(Action):
     thought: SafeText | None = Field(
         default=None, description="Optional free-text reasoning; ignored by the environment."
     )
+
+    _json_integers = field_validator("start_line", "end_line", mode="before")(json_integer)
 
 
 class TestResult(BaseModel):
@@ -223,10 +269,14 @@ class ResetArgs(BaseModel):
         default=None, min_length=1, max_length=ID_MAX_CHARS, description="Alias of task_id."
     )
     difficulty: Annotated[Difficulty | None, BeforeValidator(_normalized)] = Field(
-        default=None, description="Draw among the tasks of this tier."
+        default=None,
+        description="Draw among the tasks of this tier (case and blanks ignored).",
+        json_schema_extra=choice_schema(DIFFICULTIES),
     )
     split: Annotated[Split | None, BeforeValidator(_normalized)] = Field(
-        default=None, description="Draw among the tasks of this split."
+        default=None,
+        description="Draw among the tasks of this split (case and blanks ignored).",
+        json_schema_extra=choice_schema(SPLITS),
     )
     max_steps: StrictInt | None = Field(
         default=None,
@@ -234,3 +284,5 @@ class ResetArgs(BaseModel):
         le=MAX_STEPS_LIMIT,
         description="Episode length for this episode (default: MAX_STEPS).",
     )
+
+    _json_integers = field_validator("seed", "max_steps", mode="before")(json_integer)

@@ -1,10 +1,13 @@
 """Concurrent sessions, the way an RL trainer drives the server.
 
     uv run python bench/sessions_bench.py [--sessions 64 256 512] [--http 64 256] [--steps 20]
+                                          [--mix mixed|tests-half]
 
 For each N: start a server (room for N sessions), open N sessions, reset each (distinct
 seeds), measure the server's RSS with N idle sessions, then let every session play
-``--steps`` mixed steps (VIEW_CODE, REPLACE_LINES, RUN_TESTS, UNDO_EDIT, ..., SUBMIT).
+``--steps`` mixed steps (VIEW_CODE, REPLACE_LINES, RUN_TESTS, UNDO_EDIT, ..., SUBMIT);
+with ``--mix tests-half`` every other step is RUN_TESTS (on code that changed since the last
+run, so each one is a real evaluation), the others REPLACE_LINES/UNDO_EDIT, SUBMIT last.
 ``--sessions`` runs go through openenv's typed WebSocket client (``client.TraceFixEnv``);
 ``--http`` runs use stateful HTTP episodes (``POST /reset``, then ``POST /step`` with the
 ``episode_id``). Reports per-action P50/P99 latency, errors (including ERROR lines in the
@@ -73,8 +76,10 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def plan(index: int, steps: int, lines: int) -> list[TraceFixAction]:
+def plan(index: int, steps: int, lines: int, mix: str = "mixed") -> list[TraceFixAction]:
     """A mixed episode: views, harmless edits, test runs, undo; SUBMIT last."""
+    if mix == "tests-half":
+        return plan_tests_half(index, steps, lines)
     actions = []
     for step in range(steps - 1):
         kind = step % 5
@@ -190,7 +195,27 @@ def percentile(values: list[float], q: float) -> float:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
 
 
-async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid: int) -> dict:
+def plan_tests_half(index: int, steps: int, lines: int) -> list[TraceFixAction]:
+    """RUN_TESTS on every even step, alternately a harmless edit and its undo in between
+    (so every run evaluates changed code), SUBMIT last."""
+    actions = []
+    for step in range(steps - 1):
+        if step % 2 == 0:
+            actions.append(TraceFixAction(action_type="RUN_TESTS"))
+        elif step % 4 == 1:
+            edit = {"start_line": lines + 1, "end_line": lines, "new_code_block": f"# s{index}"}
+            actions.append(TraceFixAction(action_type="REPLACE_LINES", **edit))
+        else:
+            actions.append(TraceFixAction(action_type="UNDO_EDIT"))
+    actions.append(TraceFixAction(action_type="SUBMIT"))
+    return actions
+
+
+MIXES = ("mixed", "tests-half")
+
+
+async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid: int,
+                       mix: str = "mixed") -> dict:  # fmt: skip
     players = [TRANSPORTS[transport](url) for _ in range(sessions)]
     errors: list[str] = []
     latencies: dict[str, list[float]] = defaultdict(list)
@@ -214,7 +239,7 @@ async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid:
     async def play(index: int, player: Any, first: Outcome) -> None:
         nonlocal completed
         lines, outcome = first.lines, first
-        for action in plan(index, steps, lines):
+        for action in plan(index, steps, lines, mix):
             start = time.perf_counter()
             outcome = await player.step(action)
             latencies[action.action_type].append((time.perf_counter() - start) * 1000)
@@ -238,10 +263,12 @@ async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid:
     client_cpu = time.process_time() - client_before
     await asyncio.gather(*(p.close() for p in players), return_exceptions=True)
     cpus = os.cpu_count() or 1
+    steps_ms = [ms for kind, values in latencies.items() if kind != "RESET" for ms in values]
     return {
         "transport": transport,
         "sessions": sessions,
         "steps_per_session": steps,
+        "mix": mix,
         "completed": completed,
         "errors": len(errors),
         "error_samples": errors[:5],
@@ -249,6 +276,7 @@ async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid:
             kind: {"n": len(v), "p50": percentile(v, 0.5), "p99": percentile(v, 0.99)}
             for kind, v in sorted(latencies.items())
         },  # fmt: skip
+        "step_p99_ms": percentile(steps_ms, 0.99),
         "server_rss_kb_before": server_before,
         "server_rss_kb_idle_sessions": server_idle,
         "server_rss_kb_per_idle_session": round((server_idle - server_before) / sessions, 1),
@@ -260,7 +288,7 @@ async def run_sessions(url: str, transport: str, sessions: int, steps: int, pid:
 
 
 async def _when_healthy(server: subprocess.Popen, port: int, transport: str, sessions: int,
-                        steps: int) -> dict:  # fmt: skip
+                        steps: int, mix: str) -> dict:  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     async with httpx.AsyncClient(base_url=url, timeout=2) as probe:
@@ -273,10 +301,10 @@ async def _when_healthy(server: subprocess.Popen, port: int, transport: str, ses
             if time.monotonic() > deadline or server.poll() is not None:
                 raise RuntimeError("server did not start")
             await asyncio.sleep(0.1)
-    return await run_sessions(url, transport, sessions, steps, server.pid)
+    return await run_sessions(url, transport, sessions, steps, server.pid, mix)
 
 
-def bench(sessions: int, steps: int, transport: str = "ws") -> dict:
+def bench(sessions: int, steps: int, transport: str = "ws", mix: str = "mixed") -> dict:
     """Start a server sized for ``sessions``, run them, stop it; one result row."""
     port = free_port()
     env = {**os.environ, "MAX_CONCURRENT_ENVS": str(sessions + 8),
@@ -288,7 +316,7 @@ def bench(sessions: int, steps: int, transport: str = "ws") -> dict:
                                   stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)  # fmt: skip
         try:
-            result = asyncio.run(_when_healthy(server, port, transport, sessions, steps))
+            result = asyncio.run(_when_healthy(server, port, transport, sessions, steps, mix))
         finally:
             stop_process(server)
         log.seek(0)
@@ -301,13 +329,13 @@ def bench(sessions: int, steps: int, transport: str = "ws") -> dict:
     return result
 
 
-def run(ws: list[int], http: list[int], steps: int) -> dict:
+def run(ws: list[int], http: list[int], steps: int, mix: str = "mixed") -> dict:
     """Every requested run, written to ``bench/results/sessions.json``."""
     runs = []
     for transport, counts in (("ws", ws), ("http", http)):
         for sessions in counts:
             print(f"sessions: {sessions} over {transport}...", file=sys.stderr, flush=True)
-            runs.append(bench(sessions, steps, transport))
+            runs.append(bench(sessions, steps, transport, mix))
             print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     return write_result("sessions", {"steps_per_session": steps, "runs": runs})
 
@@ -319,8 +347,9 @@ def main() -> None:
     parser.add_argument("--http", type=int, nargs="*", default=[64, 256],
                         help="HTTP episode counts")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--mix", choices=MIXES, default="mixed")
     args = parser.parse_args()
-    run(args.sessions, args.http, args.steps)
+    run(args.sessions, args.http, args.steps, args.mix)
 
 
 if __name__ == "__main__":

@@ -161,6 +161,29 @@ def apply_rlimits(limits: dict[str, Any]) -> None:
         resource.setrlimit(res, value)
 
 
+PER_REQUEST_RLIMITS = frozenset(
+    (resource.RLIMIT_CPU, resource.RLIMIT_AS, resource.RLIMIT_FSIZE, resource.RLIMIT_NOFILE,
+     resource.RLIMIT_CORE)
+)  # fmt: skip
+
+
+def lock_other_rlimits() -> None:
+    """Set every hard limit that :func:`apply_rlimits` does not set to its soft limit, so
+    that a process without ``CAP_SYS_RESOURCE`` can never raise any of them (the kernel
+    refuses raising a hard limit; lowering its own limits harms nobody)."""
+    for name in dir(resource):
+        if not name.startswith("RLIMIT_"):
+            continue
+        res = getattr(resource, name)
+        if res in PER_REQUEST_RLIMITS:
+            continue
+        try:
+            soft, _hard = resource.getrlimit(res)
+            resource.setrlimit(res, (soft, soft))
+        except (ValueError, OSError):
+            pass
+
+
 # -- uid drop -----------------------------------------------------------------------------------
 
 
@@ -219,31 +242,36 @@ class _Program:
         return bytes(out)
 
 
-def seccomp_program(own_pid: int) -> bytes:
-    """The deny-list filter for x86_64 as raw BPF (see the module docstring)."""
-    program, pid_offset = _seccomp_template()
+def seccomp_program(own_pid: int, allow_rlimits: bool = False) -> bytes:
+    """The deny-list filter for x86_64 as raw BPF (see the module docstring).
+
+    ``allow_rlimits`` lets the process set its own rlimits (``setrlimit``, ``prlimit64`` on
+    itself): only for processes without ``CAP_SYS_RESOURCE`` whose other hard limits are
+    locked (:func:`lock_other_rlimits`), so the kernel refuses every raise. It lets the
+    filter go in before the request's limits are known, off the request's critical path.
+    """
+    program, pid_offset = _seccomp_template(allow_rlimits)
     return program[:pid_offset] + struct.pack("=I", own_pid) + program[pid_offset + 4 :]
 
 
-_template: tuple[bytes, int] | None = None
+_templates: dict[bool, tuple[bytes, int]] = {}
 _INSTRUCTION_BYTES, _K_OFFSET = 8, 4  # struct sock_filter: code, jt, jf, then the 32-bit k
 
 
-def _seccomp_template() -> tuple[bytes, int]:
+def _seccomp_template(allow_rlimits: bool) -> tuple[bytes, int]:
     """The filter assembled once per process; the pid goes in at ``pid_offset``."""
-    global _template
-    if _template is None:
-        program = _seccomp_ops(0)
+    if allow_rlimits not in _templates:
+        program = _seccomp_ops(0, allow_rlimits)
         pid_offset = program.labels["pid_check"] * _INSTRUCTION_BYTES + _K_OFFSET
-        _template = (program.assemble(), pid_offset)
-    return _template
+        _templates[allow_rlimits] = (program.assemble(), pid_offset)
+    return _templates[allow_rlimits]
 
 
-def _assemble_seccomp(own_pid: int) -> bytes:
-    return _seccomp_ops(own_pid).assemble()
+def _assemble_seccomp(own_pid: int, allow_rlimits: bool = False) -> bytes:
+    return _seccomp_ops(own_pid, allow_rlimits).assemble()
 
 
-def _seccomp_ops(own_pid: int) -> _Program:
+def _seccomp_ops(own_pid: int, allow_rlimits: bool = False) -> _Program:
     numbers = {**SYSCALLS_X86_64, **SYSCALLS_X86_64_NEWER}
     p = _Program()
     p.load(_ARCH)
@@ -260,6 +288,8 @@ def _seccomp_ops(own_pid: int) -> _Program:
     for name in SELF_SIGNAL_SYSCALLS[1:]:
         p.jump(_JEQ_K, numbers[name], "tgkill_signal", 0)
     for name in DENIED_SYSCALLS:
+        if allow_rlimits and name == "setrlimit":
+            continue
         p.jump(_JEQ_K, numbers[name], "eperm", 0)
     for name in READ_ONLY_FS_SYSCALLS:
         p.jump(_JEQ_K, numbers[name], "erofs", 0)
@@ -279,7 +309,13 @@ def _seccomp_ops(own_pid: int) -> _Program:
     p.label("clone")  # threads (CLONE_THREAD) only
     p.load(_arg(0))
     p.jump(_JSET_K, CLONE_THREAD, "allow", "eperm")
-    p.label("prlimit")  # reading limits only: new_limit must be NULL
+    p.label("prlimit")  # prlimit64(pid, resource, new_limit, old_limit)
+    if allow_rlimits:  # on itself (pid 0) anything the kernel allows; others: read only
+        p.load(_arg(0))
+        p.jump(_JEQ_K, 0, 0, "prlimit_read")
+        p.load(_arg(0, high=True))
+        p.jump(_JEQ_K, 0, "allow", "prlimit_read")
+    p.label("prlimit_read")  # reading limits only: new_limit must be NULL
     p.load(_arg(2))
     p.jump(_JEQ_K, 0, 0, "eperm")
     p.load(_arg(2, high=True))
@@ -312,11 +348,11 @@ def seccomp_supported() -> bool:
     return sys.platform == "linux" and platform.machine() in ("x86_64", "AMD64")
 
 
-def apply_seccomp() -> None:
+def apply_seccomp(allow_rlimits: bool = False) -> None:
     """Install the filter on this process (requires ``no_new_privs``)."""
     if not seccomp_supported():
         raise OSError(errno.ENOSYS, f"seccomp filter not available on {platform.machine()}")
-    program = seccomp_program(os.getpid())
+    program = seccomp_program(os.getpid(), allow_rlimits)
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.cast(buffer, ctypes.c_void_p))
     _check(

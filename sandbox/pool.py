@@ -150,6 +150,15 @@ class WorkerFault(RuntimeError):
     """This evaluation was lost to the sandbox (not to the agent's code)."""
 
 
+class ChildFault(WorkerFault):
+    """Only the child was lost (killed from outside, or gone before its request): its
+    worker is sound and forks the next child as usual."""
+
+
+class _SpawnFailed(RuntimeError):
+    """A replacement worker did not start."""
+
+
 @dataclass
 class _Child:
     """The server's handles on a worker's waiting child."""
@@ -280,7 +289,7 @@ class _Worker:
             _write_all(child.request_w, payload, deadline)
         except OSError as exc:
             message = f"the sandbox child of worker {self.number} is gone ({exc})"
-            raise WorkerFault(message) from None
+            raise ChildFault(message) from None
         finally:
             os.close(child.request_w)
             child.request_w = -1
@@ -328,7 +337,8 @@ class _Worker:
         return self.proc.poll() is None
 
     def kill(self) -> None:
-        """SIGKILL the worker and its current child; release every descriptor."""
+        """SIGKILL the worker and its current child; release every descriptor but the pidfd
+        (the supervisor may be waiting on it: it closes it itself, see ``close_pidfd``)."""
         if self.child is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self.child.pid, signal.SIGKILL)
@@ -338,6 +348,8 @@ class _Worker:
             self.proc.kill()
         self.proc.wait()
         self.control.close()
+
+    def close_pidfd(self) -> None:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
@@ -436,6 +448,7 @@ class ZygotePool:
         self._workers: list[_Worker] = []
         self._idle: collections.deque[_Worker] = collections.deque()
         self._launching: _Worker | None = None  # a replacement the supervisor is starting
+        self._graveyard: list[_Worker] = []  # retired workers whose pidfds are still open
         self._counter = 0
         self._closed = False
         self.in_flight = 0
@@ -450,6 +463,7 @@ class ZygotePool:
         except WorkerFault:
             for worker in started:
                 worker.kill()
+                worker.close_pidfd()
             remove_tree(self.root)
             raise
         self._workers.extend(started)
@@ -530,69 +544,85 @@ class ZygotePool:
         if not closed:
             log.warning("sandbox worker %d retired: %s", worker.number, reason)
         worker.kill()
-        remove_tree(worker.root)
+        if not closed:  # else close() removes the whole root, once
+            remove_tree(worker.root)
+        if closed and not self._supervisor.is_alive():
+            worker.close_pidfd()
+            return
+        with self._lock:
+            self._graveyard.append(worker)
         self._wake_supervisor()
 
     def _supervise(self) -> None:
-        """Replace workers that died; runs until the pool closes."""
+        """Replace workers that died; runs until the pool closes and never dies itself."""
         failures = 0
         while True:
-            with self._lock:
-                if self._closed:
-                    return
-                watched = {w.pidfd: w for w in self._workers if not w.busy and w.pidfd}
-                missing = self.size - len(self._workers)
-            fds = [self._wake_r, *watched]
-            timeout = SUPERVISE_POLL_S if not missing else 0
-            ready = select.select(fds, [], [], timeout)[0] if fds else []
-            if self._wake_r in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-            for fd in ready:
-                if fd in watched:
-                    self._retire(watched[fd], "its process exited while idle", only_if_idle=True)
-            with self._lock:
-                idle_dead = [w for w in self._workers if not w.busy and not w.alive]
-            for worker in idle_dead:
-                self._retire(worker, "its process exited while idle", only_if_idle=True)
-            with self._lock:
-                if self._closed:
-                    return
-                missing = self.size - len(self._workers)
-            if missing <= 0:
-                failures = 0
-                continue
             try:
-                with self._lock:
-                    self._launching = self._launch_locked()
-                worker = self._launching.handshake()
-            except (WorkerFault, OSError) as exc:
-                with self._lock:
-                    launching, self._launching = self._launching, None
-                if launching is not None:
-                    launching.kill()
-                    remove_tree(launching.root)
+                if self._supervise_once():
+                    return
+                failures = 0
+            except _SpawnFailed as exc:
                 delay = RESPAWN_BACKOFF_S[min(failures, len(RESPAWN_BACKOFF_S) - 1)]
                 failures += 1
                 log.error("sandbox: could not start a worker (%s); retrying in %.1fs", exc, delay)
                 time.sleep(delay)
-                continue
-            failures = 0
+            except Exception:  # noqa: BLE001 - log it and keep supervising
+                log.exception("sandbox supervisor error; continuing")
+                time.sleep(SUPERVISE_POLL_S)
+
+    def _supervise_once(self) -> bool:
+        """Wait for a death (or a wake-up), retire the dead, start one replacement if one is
+        missing; True once the pool is closed."""
+        with self._lock:
+            if self._closed:
+                return True
+            graveyard, self._graveyard = self._graveyard, []
+            watched = {w.pidfd: w for w in self._workers if not w.busy and w.pidfd is not None}
+            missing = self.size - len(self._workers)
+        for worker in graveyard:  # only this thread waits on pidfds, so only it closes them
+            worker.close_pidfd()
+        fds = [self._wake_r, *watched]
+        ready = select.select(fds, [], [], 0 if missing else SUPERVISE_POLL_S)[0]
+        if self._wake_r in ready:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 4096)
+        for fd in ready:
+            if fd in watched:
+                self._retire(watched[fd], "its process exited while idle", only_if_idle=True)
+        with self._lock:
+            idle_dead = [w for w in self._workers if not w.busy and not w.alive]
+        for worker in idle_dead:
+            self._retire(worker, "its process exited while idle", only_if_idle=True)
+        with self._lock:
+            if self._closed:
+                return True
+            missing = self.size - len(self._workers)
+            if missing <= 0:
+                return False
+            self._launching = self._launch_locked()
+        try:
+            worker = self._launching.handshake()
+        except (WorkerFault, OSError) as exc:
             with self._lock:
-                self._launching = None
-                closed = self._closed
-                if not closed:
-                    self.respawns += 1
-                    self._workers.append(worker)
-                    self._idle.append(worker)
-                    self._idle_ready.notify()
-            if closed:
-                worker.kill()
-                remove_tree(self.root)
-                return
+                launching, self._launching = self._launching, None
+            if launching is not None:
+                launching.kill()
+                launching.close_pidfd()
+                remove_tree(launching.root)
+            raise _SpawnFailed(str(exc)) from None
+        with self._lock:
+            self._launching = None
+            closed = self._closed
+            if not closed:
+                self.respawns += 1
                 self._workers.append(worker)
                 self._idle.append(worker)
                 self._idle_ready.notify()
+        if closed:
+            worker.kill()
+            worker.close_pidfd()
+            remove_tree(self.root)
+        return closed
 
     def _take_idle(self, deadline: float, cancel: threading.Event | None) -> _Worker:
         """An idle worker; waits (holding a slot, so one is owed to us) for a replacement."""
@@ -629,6 +659,14 @@ class ZygotePool:
     def run(self, request: EvalRequest, cancel: threading.Event | None = None) -> EvalResult:
         if self._closed:
             raise SandboxFault("the sandbox is shutting down")
+        try:
+            return self._run(request, cancel)
+        except EvaluationCancelled:
+            with self._lock:
+                self.cancelled += 1
+            raise
+
+    def _run(self, request: EvalRequest, cancel: threading.Event | None) -> EvalResult:
         queued = self._slots.waiting
         if not self._slots.acquire(self.queue_timeout_s, max_waiting=self.max_queue,
                                    cancel=cancel):  # fmt: skip
@@ -660,10 +698,11 @@ class ZygotePool:
                     with self._lock:
                         self.faults += 1
                         closed = self._closed
-                    self._retire(worker, fault)
+                    if not isinstance(exc, ChildFault) or not self._end_lost_child(worker):
+                        self._retire(worker, fault)
                     if closed:
                         raise SandboxFault("the sandbox is shutting down") from None
-                    log.warning("sandbox fault (%s); retrying on another worker", fault)
+                    log.warning("sandbox fault (%s); retrying", fault)
                 except BaseException:  # e.g. KeyboardInterrupt: the worker's state is unknown
                     self._retire(worker, "interrupted during an evaluation")
                     raise
@@ -673,14 +712,22 @@ class ZygotePool:
         finally:
             self._slots.release()
 
+    def _end_lost_child(self, worker: _Worker) -> bool:
+        """After a :class:`ChildFault`, have the worker reap the lost child and fork the next
+        one; whether the worker is still fit to serve."""
+        try:
+            if worker.child is not None:
+                worker.end_child()
+        except WorkerFault:
+            return False
+        return worker.alive
+
     def _evaluate(
         self, worker: _Worker, payload: bytes, limits: Limits, cancel: threading.Event | None
     ) -> EvalResult:
         try:
             run = worker.run(payload, limits, cancel)
         except EvaluationCancelled:
-            with self._lock:
-                self.cancelled += 1
             worker.end_child()
             raise
         worker.end_child()
@@ -688,7 +735,7 @@ class ZygotePool:
         signum: int | None = None
         if run.how == "eof":
             if not run.started:
-                raise WorkerFault("the sandbox child died before the tests started")
+                raise ChildFault("the sandbox child died before the tests started")
             status, cpu_s = worker.ended_status(time.monotonic() + ENDED_TIMEOUT_S)
             exit_code, signum = _classify(status, cpu_s, limits)
         with self._lock:
@@ -760,6 +807,13 @@ class ZygotePool:
             else:
                 self._retire(worker, "the pool closed")
         self._supervisor.join(timeout=SUPERVISE_POLL_S + 1)
+        deadline = time.monotonic() + CLOSE_GRACE_S
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)  # evaluations see their worker die and retire it
+        with self._lock:
+            graveyard, self._graveyard = self._graveyard, []
+        for worker in graveyard:
+            worker.close_pidfd()
         remove_tree(self.root)
 
 
@@ -773,7 +827,7 @@ def _classify(status: int, cpu_s: float, limits: Limits) -> tuple[int | None, in
     if signum == signal.SIGKILL:
         if cpu_s >= limits.cpu_s + 1 - CPU_LIMIT_SLACK_S:
             return None, signal.SIGXCPU  # the hard CPU limit: the same overrun as SIGXCPU
-        raise WorkerFault("the sandbox child was killed from outside (SIGKILL)")
+        raise ChildFault("the sandbox child was killed from outside (SIGKILL)")
     return None, signum
 
 

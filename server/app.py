@@ -1,23 +1,30 @@
 """HTTP and WebSocket server for tracefix_rl.
 
-Built on openenv-core's ``create_app`` (``/ws`` sessions, ``/mcp``, ``/metadata``,
-``/docs``, and the ``/web`` playground when ``ENABLE_WEB_INTERFACE`` is set), with
-these routes replaced or added:
+Built on openenv-core's ``create_app`` (``/mcp``, ``/metadata``, ``/docs``, and the
+``/web`` playground when ``ENABLE_WEB_INTERFACE`` is set), with these routes replaced or added:
+
+* ``/ws``: WebSocket sessions (``server.ws``), openenv's protocol with a hard session cap,
+  idle reaping that closes the socket, a message size limit, and cancellation of a
+  disconnected client's evaluation.
 
 * ``POST /reset``, ``POST /step``, ``GET /state``: *stateful* HTTP episodes. Upstream
   builds a new environment per HTTP request; here ``/reset`` stores the episode under its
   ``episode_id`` and ``/step`` continues the episode named by ``episode_id`` in the body
-  (or, when absent, the most recent HTTP episode).
+  (or, when absent, the one named by the cookie ``/reset`` set for this client; else 400).
+* Every HTTP body over ``MAX_REQUEST_BYTES`` is answered 413 unread (``BodyLimit``), and
+  every error answer is encodable JSON, never a 5xx for a bad request (``server.responses``).
 * ``GET /schema`` with the real state schema, ``GET /health`` with sandbox and task facts,
   ``GET /tasks`` listing task ids for building datasets of reset arguments.
 
 Configuration (environment variables): ``PORT`` (8000), ``HOST`` (0.0.0.0),
 ``MAX_CONCURRENT_ENVS`` (64 WebSocket sessions), ``SESSION_TIMEOUT_S`` (600, idle WS
 sessions are reaped), ``HTTP_MAX_EPISODES`` (256), ``HTTP_EPISODE_TTL_S`` (600),
+``HTTP_EPISODE_GRACE_S`` (300), ``MAX_REQUEST_BYTES`` (1 MiB),
 ``LOG_LEVEL`` (INFO); see also ``tasks.py`` and ``sandbox.py``.
 
 Modules: ``routes`` (the HTTP routes), ``episodes`` (the HTTP episode store),
-``middleware``, ``loader`` (tasks and sandbox load while the app is built), ``startup``.
+``middleware``, ``loader`` (tasks and sandbox load while the app is built), ``startup``,
+``ws`` (the WebSocket sessions), ``serve`` (uvicorn and the graceful shutdown).
 """
 
 import sandbox  # light; the package import also defers the MCP runtime (server/startup.py)
@@ -33,18 +40,19 @@ import logging
 import os
 import sys
 
-import uvicorn
 from fastapi import FastAPI
 from openenv.core.env_server.http_server import create_app
 from openenv.core.env_server.types import ConcurrencyConfig
 
 from environment import TraceFixEnvironment
 from models import TraceFixAction, TraceFixObservation
-from server import startup
+from server import serve, startup
 from server.episodes import HttpEpisodes
 from server.loader import TaskLoader
-from server.middleware import QuietWebSocketClose
+from server.middleware import BodyLimit, QuietWebSocketClose
+from server.responses import install_error_handlers
 from server.routes import register_http_routes
+from server.ws import WebSocketSessions, register_ws_route
 
 log = logging.getLogger("tracefix_rl.server")
 
@@ -54,6 +62,12 @@ DEFAULT_MAX_CONCURRENT_ENVS = 64
 DEFAULT_SESSION_TIMEOUT_S = 600.0
 DEFAULT_HTTP_MAX_EPISODES = 256
 DEFAULT_HTTP_EPISODE_TTL_S = 600.0
+# A full store evicts an unfinished episode only after this long without a step. It must
+# outlast an agent's slowest normal pause between steps: inference.py's worst case is
+# LLM_TIMEOUT_S 60 s x (1 + LLM_MAX_RETRIES 3) plus backoff, about 245 s. Evicting loses an
+# agent's episode for good, while a 503 carries Retry-After and costs a retry, so the grace
+# errs long; at half the TTL it still bounds a lockout by idle episodes to 5 minutes.
+DEFAULT_HTTP_EPISODE_GRACE_S = 300.0
 DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
 
 
@@ -85,9 +99,11 @@ def create_tracefix_app() -> FastAPI:
         env_name="tracefix_rl",
         concurrency_config=concurrency,
     )
+    ttl_s = _env_number("HTTP_EPISODE_TTL_S", DEFAULT_HTTP_EPISODE_TTL_S)
     episodes = HttpEpisodes(
         capacity=int(_env_number("HTTP_MAX_EPISODES", DEFAULT_HTTP_MAX_EPISODES)),
-        ttl_s=_env_number("HTTP_EPISODE_TTL_S", DEFAULT_HTTP_EPISODE_TTL_S),
+        ttl_s=ttl_s,
+        grace_s=min(ttl_s, _env_number("HTTP_EPISODE_GRACE_S", DEFAULT_HTTP_EPISODE_GRACE_S)),
     )
     app.state.http_episodes = episodes
     # Largest HTTP body or WebSocket message accepted (the code file itself is capped at
@@ -95,7 +111,15 @@ def create_tracefix_app() -> FastAPI:
     app.state.max_request_bytes = int(_env_number("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES))
     app.router.on_startup.insert(0, loader.wait)
     app.add_middleware(QuietWebSocketClose)
+    app.add_middleware(BodyLimit, max_bytes=app.state.max_request_bytes)
+    install_error_handlers(app)
     register_http_routes(app, episodes)
+    sessions = WebSocketSessions(
+        capacity=concurrency.max_concurrent_envs,
+        idle_timeout_s=concurrency.session_timeout or DEFAULT_SESSION_TIMEOUT_S,
+        max_message_bytes=app.state.max_request_bytes,
+    )
+    register_ws_route(app, sessions)
     app.openapi_schema = None
     return app
 
@@ -117,7 +141,16 @@ def main() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     log.info("starting on %s:%d", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    serve.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        max_message_bytes=app.state.max_request_bytes,
+        sessions=app.state.ws_sessions,
+        close_episodes=app.state.http_episodes.close,
+        close_sandbox=sandbox.close_sandbox,
+    )
 
 
 if __name__ == "__main__":

@@ -1,95 +1,148 @@
 """The store of stateful HTTP episodes, keyed by ``episode_id``.
 
 Upstream OpenEnv builds a new environment per HTTP request; here ``/reset`` stores the
-episode and ``/step`` continues it. The store is bounded and idle episodes expire.
+episode and ``/step`` continues it. Contract of the store:
+
+* **Bounded**: at most ``capacity`` episodes (``HTTP_MAX_EPISODES``).
+* **Idle time is time since the last step or reset.** Looking an episode up (``GET /state``,
+  :meth:`HttpEpisodes.get`) does not keep it alive, so a client cannot hold slots with
+  keep-alive reads. An episode not stepped for ``ttl_s`` (``HTTP_EPISODE_TTL_S``) expires.
+* **When full, a new episode evicts, in this order:** the least recently stepped *finished*
+  episode; else the least recently stepped unfinished one that has been idle longer than
+  ``grace_s`` (``HTTP_EPISODE_GRACE_S``) and has no request in flight; else nothing, and
+  :class:`EpisodeStoreFull` says in how many seconds a slot becomes evictable (the HTTP
+  layer answers 503 with ``Retry-After``). So one client holding every slot locks others
+  out for at most ``grace_s``, unless it keeps stepping every one of its episodes.
+* The store is used from the event loop only (no locking of its own); each episode has an
+  ``asyncio.Lock`` that serialises its steps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-
-from fastapi import HTTPException
 
 from environment import TraceFixEnvironment
 
+log = logging.getLogger("tracefix_rl.server")
+
+MIN_RETRY_AFTER_S = 1
+
 
 class EpisodeStoreFull(RuntimeError):
-    """Every HTTP episode slot holds a live, unfinished episode."""
+    """Every HTTP episode slot holds an episode that may not be evicted yet."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
-@dataclass
-class _Episode:
+class UnknownEpisode(LookupError):
+    """No stored episode has this id (never created, expired or evicted)."""
+
+
+@dataclass(eq=False)
+class Episode:
+    """One stored HTTP episode."""
+
     env: TraceFixEnvironment
+    episode_id: str
+    last_stepped: float = field(default_factory=lambda: time.monotonic())
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    last_used: float = field(default_factory=lambda: time.monotonic())
+    in_flight: int = 0  # /step requests holding or waiting for the lock
+    dropped: bool = False  # expired or evicted; the env is closed
 
 
 class HttpEpisodes:
-    """Bounded store of HTTP episodes keyed by ``episode_id``, expiring when idle."""
+    """Bounded store of HTTP episodes (see the module docstring for the contract)."""
 
-    def __init__(self, capacity: int, ttl_s: float) -> None:
+    def __init__(self, capacity: int, ttl_s: float, grace_s: float) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be at least 1, got {capacity}")
+        if not 0 <= grace_s <= ttl_s:
+            raise ValueError(f"grace_s ({grace_s}) must lie in 0..ttl_s ({ttl_s})")
         self.capacity = capacity
         self.ttl_s = ttl_s
-        self._episodes: OrderedDict[str, _Episode] = OrderedDict()
-        self._latest: str | None = None
+        self.grace_s = grace_s
+        self._episodes: dict[str, Episode] = {}
 
     def __len__(self) -> int:
         return len(self._episodes)
 
-    def _expire(self) -> None:
-        cutoff = time.monotonic() - self.ttl_s
-        for episode_id in [k for k, e in self._episodes.items() if e.last_used < cutoff]:
-            self._drop(episode_id)
+    # -- lookups ----------------------------------------------------------------------------
 
-    def _drop(self, episode_id: str) -> None:
-        episode = self._episodes.pop(episode_id)
-        episode.env.close()
-        if self._latest == episode_id:
-            self._latest = None
-
-    def add(self, env: TraceFixEnvironment) -> None:
-        """Store a freshly reset episode (replacing one with the same id)."""
-        episode_id = env.state.episode_id
-        assert episode_id is not None
+    def get(self, episode_id: str) -> Episode:
+        """The stored episode (looking it up does not count as use); raises
+        :class:`UnknownEpisode`."""
         self._expire()
-        if episode_id in self._episodes:
-            self._drop(episode_id)
-        if len(self._episodes) >= self.capacity:
-            finished = next((k for k, e in self._episodes.items() if e.env.state.done), None)
-            if finished is None:
-                raise EpisodeStoreFull(
-                    f"all {self.capacity} HTTP episode slots hold unfinished episodes; finish "
-                    f"one (SUBMIT), wait {self.ttl_s:.0f}s for idle ones to expire, raise "
-                    "HTTP_MAX_EPISODES, or use the WebSocket endpoint /ws"
-                )
-            self._drop(finished)
-        self._episodes[episode_id] = _Episode(env)
-        self._latest = episode_id
-
-    def get(self, episode_id: str | None) -> _Episode:
-        """The named episode, else the most recent one; 404 when there is none."""
-        self._expire()
-        key = episode_id if episode_id is not None else self._latest
-        if key is None:
-            raise HTTPException(404, "no HTTP episode is running: POST /reset first")
-        episode = self._episodes.get(key)
+        episode = self._episodes.get(episode_id)
         if episode is None:
-            raise HTTPException(
-                404,
-                f"unknown or expired episode_id {key!r} (HTTP episodes expire after "
-                f"{self.ttl_s:.0f}s idle); POST /reset to start one",
+            raise UnknownEpisode(
+                f"unknown or expired episode_id {episode_id!r} (HTTP episodes expire "
+                f"{self.ttl_s:.0f}s after their last step); POST /reset to start one"
             )
-        episode.last_used = time.monotonic()
-        self._episodes.move_to_end(key)
         return episode
 
-    def latest(self) -> _Episode | None:
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def stepped(self, episode: Episode) -> None:
+        """Record a step of ``episode`` (at its start and its end): it is not idle."""
+        episode.last_stepped = time.monotonic()
+
+    def make_room(self) -> None:
+        """Ensure one slot is free, evicting as the contract says; raises
+        :class:`EpisodeStoreFull` (with ``retry_after_s``) when no episode may go."""
         self._expire()
-        return self._episodes.get(self._latest) if self._latest else None
+        if len(self._episodes) < self.capacity:
+            return
+        now = time.monotonic()
+        by_age = sorted(self._episodes.values(), key=lambda e: e.last_stepped)
+        finished = [e for e in by_age if e.env.state.done and not e.in_flight]
+        idle = [e for e in by_age if not e.in_flight and now - e.last_stepped > self.grace_s]
+        victim = (finished or idle or [None])[0]
+        if victim is not None:
+            log.info("HTTP episode store full: evicting %s episode %r, idle %.0fs",
+                     "finished" if victim.env.state.done else "unfinished",
+                     victim.episode_id, now - victim.last_stepped)  # fmt: skip
+            self._drop(victim.episode_id)
+            return
+        # An episode with a step in flight is stepped again when it ends: count from now.
+        oldest = min((e.last_stepped for e in by_age if not e.in_flight), default=now)
+        retry = max(MIN_RETRY_AFTER_S, math.ceil(oldest + self.grace_s - now))
+        raise EpisodeStoreFull(
+            f"all {self.capacity} HTTP episode slots hold episodes stepped in the last "
+            f"{self.grace_s:.0f}s; retry in {retry}s, finish an episode (SUBMIT), raise "
+            "HTTP_MAX_EPISODES, or use the WebSocket endpoint /ws",
+            retry_after_s=retry,
+        )
+
+    def add(self, env: TraceFixEnvironment) -> Episode:
+        """Store a freshly reset episode, replacing one with the same id; may evict another
+        (see :meth:`make_room`) or raise :class:`EpisodeStoreFull`."""
+        episode_id = env.state.episode_id
+        if episode_id is None:
+            raise ValueError("the environment has not been reset")
+        if episode_id in self._episodes:
+            self._drop(episode_id)
+        self.make_room()
+        episode = Episode(env=env, episode_id=episode_id)
+        self._episodes[episode_id] = episode
+        return episode
 
     def close(self) -> None:
         for episode_id in list(self._episodes):
             self._drop(episode_id)
+
+    def _expire(self) -> None:
+        cutoff = time.monotonic() - self.ttl_s
+        for episode in list(self._episodes.values()):
+            if episode.last_stepped < cutoff and not episode.in_flight:
+                self._drop(episode.episode_id)
+
+    def _drop(self, episode_id: str) -> None:
+        episode = self._episodes.pop(episode_id)
+        episode.dropped = True
+        episode.env.close()

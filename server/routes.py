@@ -1,50 +1,177 @@
 """HTTP routes of tracefix_rl that replace or add to openenv's.
 
-* ``POST /reset``, ``POST /step``, ``GET /state``: *stateful* HTTP episodes (see
-  ``server.episodes``).
-* ``GET /schema`` with the real state schema, ``GET /health`` with sandbox and task facts,
-  ``GET /tasks`` listing task ids for building datasets of reset arguments.
+* ``POST /reset``, ``POST /step``, ``GET /state``: *stateful* HTTP episodes (the store is
+  ``server.episodes``). ``/reset`` answers with the observation (which carries the
+  ``episode_id``) and sets the cookie :data:`EPISODE_COOKIE` naming the episode. ``/step``
+  continues the episode named by ``episode_id`` in its body, else the one its cookie names
+  (an episode this client created), else answers 400. ``GET /state`` likewise, except that
+  with neither it reports an empty state, as upstream's stateless ``/state`` does.
+  Explicit ids work from any client: an id is the capability (generated ones are uuid4).
+* ``GET /schema`` with the real state schema, ``GET /health`` (503 with a ``reason`` when
+  the sandbox cannot serve at full strength), ``GET /tasks`` listing task ids,
+  ``GET /metadata``, and ``POST /mcp`` (openenv's, wrapped: see :func:`_mcp_route`).
+
+Every status a route can answer is in its OpenAPI ``responses`` (``tests/test_contract.py``
+holds the server to it with schemathesis); error bodies come from ``server.responses``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import logging
 import os
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote, unquote
 
-from fastapi import Body, FastAPI, HTTPException, Query
-from fastapi.encoders import jsonable_encoder
+from fastapi import Body, Cookie, FastAPI, HTTPException, Query, Request
+from fastapi.openapi.constants import REF_PREFIX
 from fastapi.routing import APIRoute
-from openenv.core.env_server.serialization import deserialize_action, serialize_observation
-from openenv.core.env_server.types import (
-    ResetResponse,
-    StepRequest,
-    StepResponse,
-)
-from pydantic import Field, ValidationError
+from openenv.core.env_server.mcp_types import JsonRpcErrorCode, JsonRpcRequest, JsonRpcResponse
+from openenv.core.env_server.serialization import serialize_observation
+from openenv.core.env_server.types import EnvironmentMetadata, SchemaResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import Response
 
-import models
 from environment import TraceFixEnvironment
-from models import ResetArgs, TraceFixAction, TraceFixObservation, TraceFixState
-from sandbox import SandboxBusy, get_sandbox
-from server.episodes import EpisodeStoreFull, HttpEpisodes
-from tasks import SPLITS, TaskSelectionError, get_registry
+from models import (
+    ID_MAX_CHARS,
+    Difficulty,
+    ResetArgs,
+    SafeText,
+    Split,
+    TraceFixAction,
+    TraceFixObservation,
+    TraceFixState,
+)
+from sandbox import get_sandbox
+from server.episodes import Episode, EpisodeStoreFull, HttpEpisodes, UnknownEpisode
+from server.responses import (
+    RETRY_AFTER_HEADER,
+    SHUTTING_DOWN,
+    ErrorDetail,
+    SafeJSONResponse,
+    documented,
+    validation_response,
+)
+from tasks import TaskSelectionError, get_registry
 
-REPLACED_ROUTES = {"/reset", "/step", "/state", "/schema", "/health"}
+log = logging.getLogger("tracefix_rl.server")
+
+REPLACED_ROUTES = {"/reset", "/step", "/state", "/schema", "/health", "/metadata", "/mcp"}
+EPISODE_COOKIE = "tracefix_episode"
+# The cookie holds the percent-encoded id: at most 12 ASCII characters per character of it.
+# It is left out of the OpenAPI parameters (the routes' descriptions and /reset's Set-Cookie
+# document it): the server sets it, and a generated value cannot round-trip through a Cookie
+# header (a ';' in it cuts it short), so schemathesis' negative cookies were sent truncated.
+COOKIE_MAX_CHARS = ID_MAX_CHARS * 12
+MCP_SESSION_METHODS = ("openenv/session/create", "openenv/session/close")
+_EPISODE_OF_RESET = "$response.body#/observation/episode_id"
+# OpenAPI links: what a client (and schemathesis' stateful phase) can do with a new episode.
+RESET_LINKS = {
+    "StepEpisode": {"operationId": "step", "requestBody": {"episode_id": _EPISODE_OF_RESET}},
+    "ReadState": {"operationId": "state", "parameters": {"query.episode_id": _EPISODE_OF_RESET}},
+}
+NO_EPISODE = (
+    "no episode_id: send the episode_id that POST /reset returned, or step from the client "
+    f"that called /reset (its {EPISODE_COOKIE} cookie names its latest episode)"
+)
 
 
-class EpisodeStepRequest(StepRequest):
-    """``/step`` body: the action, plus the HTTP episode to continue."""
+# -- wire models (the OpenAPI schema documents these) ---------------------------------------
 
-    episode_id: str | None = Field(
+
+class EpisodeStepRequest(BaseModel):
+    """``/step`` body: the action, plus the HTTP episode to continue.
+
+    Keys other than these are accepted and ignored, as in openenv's ``StepRequest``; the
+    action itself admits only its declared fields.
+    """
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"examples": [
+            {"action": {"action_type": "VIEW_CODE"}, "episode_id": "ep-1"},
+            {"action": {"action_type": "REPLACE_LINES", "start_line": 5, "end_line": 5,
+                        "new_code_block": "if n % 2 == 0:"}},
+        ]},
+    )  # fmt: skip
+
+    action: TraceFixAction = Field(description="The action; see GET /schema.")
+    episode_id: SafeText | None = Field(
         default=None,
-        max_length=255,
-        description="Episode returned by /reset; defaults to the most recent HTTP episode.",
+        min_length=1,
+        max_length=ID_MAX_CHARS,
+        description=f"Episode returned by /reset; defaults to the one the {EPISODE_COOKIE} "
+        "cookie (set by /reset) names.",
     )
+    timeout_s: float | None = Field(
+        default=None, gt=0, description="Accepted for OpenEnv compatibility; unused."
+    )
+    request_id: str | None = Field(
+        default=None, max_length=ID_MAX_CHARS, description="Accepted for OpenEnv compatibility."
+    )
+
+
+def _without_envelope_fields(schema: dict[str, Any]) -> None:
+    for name in ("reward", "done", "metadata"):
+        schema.get("properties", {}).pop(name, None)
+
+
+class WireObservation(TraceFixObservation):
+    """The observation as sent: ``reward`` and ``done`` travel in the envelope."""
+
+    model_config = ConfigDict(
+        title="TraceFixObservation", json_schema_extra=_without_envelope_fields
+    )
+
+
+class ObservationResponse(BaseModel):
+    """OpenEnv's envelope of every ``/reset`` and ``/step`` answer."""
+
+    observation: WireObservation
+    reward: float | None = None
+    done: bool = False
+
+
+class HealthReport(BaseModel):
+    """``GET /health``; ``status`` is ``unhealthy`` (HTTP 503) when ``reason`` says why."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["healthy", "unhealthy"]
+    reason: str | None = Field(default=None, description="Why the server is unhealthy.")
+    tasks: int
+    tasks_skipped: int
+    http_episodes: int
+    server: dict[str, Any]
+    sandbox: dict[str, Any]
+
+
+class TaskRow(BaseModel):
+    task_id: str
+    difficulty: str
+    split: str
+    source: str
+    bug_type: str | None
+
+
+class TaskPage(BaseModel):
+    total: int
+    offset: int
+    limit: int
+    tasks: list[TaskRow]
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def cookie_value(episode_id: str) -> str:
+    """The cookie naming ``episode_id``: percent-encoded UTF-8, i.e. legal cookie ASCII."""
+    return quote(episode_id, safe="")
 
 
 def remove_routes(app: FastAPI, paths: set[str]) -> None:
@@ -53,63 +180,189 @@ def remove_routes(app: FastAPI, paths: set[str]) -> None:
     ]
 
 
+def _openenv_endpoint(app: FastAPI, path: str) -> Callable[[Request], Awaitable[Any]]:
+    return next(r.endpoint for r in app.router.routes
+                if isinstance(r, APIRoute) and r.path == path)  # fmt: skip
+
+
+def _rpc_error(code: JsonRpcErrorCode, message: str, request_id: Any = None) -> Response:
+    reply = JsonRpcResponse.error_response(code, message, request_id=request_id)
+    return SafeJSONResponse(reply.model_dump())
+
+
+def _mcp_route(openenv_mcp: Callable[[Request], Awaitable[Any]]):
+    """``POST /mcp``: openenv's JSON-RPC endpoint, guarded.
+
+    openenv's handler answered 500 for ``params.session_id`` that is not a string (it is
+    used as a dict key), and for a ``method`` or ``id`` holding a lone surrogate (echoed into
+    a response that could not be encoded). Here the request is validated first, errors are
+    JSON-RPC errors with HTTP 200 as JSON-RPC over HTTP has them, and the answer is encoded
+    safely. ``openenv/session/create`` is refused: this environment has no MCP tools, so an
+    MCP session could do nothing but occupy one of the ``MAX_CONCURRENT_ENVS`` WebSocket
+    slots until it idled out, and any client could fill them all.
+    """
+
+    async def mcp(request: Request) -> Response:
+        body = await request.body()
+        try:
+            data = json.loads(body)
+        except (ValueError, RecursionError):
+            return _rpc_error(JsonRpcErrorCode.PARSE_ERROR, "Parse error")
+        try:
+            rpc = JsonRpcRequest.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "request"
+            return _rpc_error(JsonRpcErrorCode.INVALID_REQUEST, f"Invalid request: {where}: "
+                              f"{first['msg']}")  # fmt: skip
+        if not isinstance(rpc.params.get("session_id", ""), str):
+            return _rpc_error(JsonRpcErrorCode.INVALID_PARAMS, "params.session_id must be a "
+                              "string", rpc.id)  # fmt: skip
+        if rpc.method in MCP_SESSION_METHODS:
+            return _rpc_error(JsonRpcErrorCode.METHOD_NOT_FOUND, f"{rpc.method}: this "
+                              "environment has no MCP tools, so it opens no MCP sessions; play "
+                              "episodes over /ws or /reset and /step", rpc.id)  # fmt: skip
+        try:
+            reply = await openenv_mcp(request)  # re-reads the body Starlette has cached
+        except Exception:  # noqa: BLE001 - a JSON-RPC error, never a 500
+            log.exception("POST /mcp %s failed", rpc.method)
+            return _rpc_error(JsonRpcErrorCode.INTERNAL_ERROR, "Internal error", rpc.id)
+        return SafeJSONResponse(reply)
+
+    return mcp
+
+
+# -- routes -----------------------------------------------------------------------------------
+
+
 def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
     """Replace openenv's stateless HTTP routes with stateful ones and add the info routes."""
+    openenv_mcp = _openenv_endpoint(app, "/mcp")
     remove_routes(app, REPLACED_ROUTES)
     # One thread per HTTP episode slot: a step waiting for the sandbox must not hold up
     # VIEW or REPLACE of other episodes (Starlette's shared thread pool has 40 threads).
     http_threads = ThreadPoolExecutor(max_workers=episodes.capacity,
                                       thread_name_prefix="http-episode")  # fmt: skip
+    json_route = functools.partial(app.api_route, response_class=SafeJSONResponse)
 
     async def in_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(http_threads, functools.partial(call, *args, **kwargs))
 
-    @app.post("/reset", response_model=ResetResponse, tags=["Environment Control"])
-    async def reset(request: ResetArgs = Body(default_factory=ResetArgs)) -> ResetResponse:
-        """Start an HTTP episode; its ``episode_id`` is in the observation.
+    def lookup(episode_id: str) -> Episode:
+        try:
+            return episodes.get(episode_id)
+        except UnknownEpisode as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    def store_full(exc: EpisodeStoreFull) -> HTTPException:
+        return HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+    @json_route(
+        "/reset",
+        methods=["POST"],
+        tags=["Environment Control"],
+        responses=documented(
+            400, 422,
+            s503={"model": ErrorDetail, "headers": RETRY_AFTER_HEADER, "description": "Every "
+                  "HTTP episode slot is in use (with Retry-After), or " + SHUTTING_DOWN + "."},
+            s200={"model": ObservationResponse, "description": "The first observation; the "
+                  f"{EPISODE_COOKIE} cookie names the episode.",
+                  "headers": {"Set-Cookie": {"schema": {"type": "string"}}},
+                  "links": RESET_LINKS},
+        ),
+        operation_id="reset",
+    )  # fmt: skip
+    async def reset(args: ResetArgs = Body(default_factory=ResetArgs)) -> Response:
+        """Start an HTTP episode; its ``episode_id`` is in the observation and in the cookie.
 
         Body: ``seed``, ``episode_id``, ``task_id`` (or ``task_name``), ``difficulty``,
-        ``split``, ``max_steps``; other keys are ignored.
+        ``split``, ``max_steps``; other keys are ignored. 503 with ``Retry-After`` when every
+        episode slot is in use (see ``server.episodes``).
         """
+        try:
+            episodes.make_room()  # refuse before doing the work
+        except EpisodeStoreFull as exc:
+            raise store_full(exc) from None
         env = TraceFixEnvironment(registry=get_registry(), sandbox=get_sandbox())
         try:
-            observation = await in_thread(env.reset, **request.model_dump())
+            observation = await in_thread(
+                env.reset, **args.model_dump(include=set(ResetArgs.model_fields))
+            )
         except TaskSelectionError as exc:
             raise HTTPException(400, str(exc)) from None
+        except ValidationError as exc:  # env.reset validates its arguments again
+            return validation_response(
+                {**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)
+            )
         try:
-            episodes.add(env)
+            episode = episodes.add(env)
         except EpisodeStoreFull as exc:
-            raise HTTPException(503, str(exc)) from None
-        return ResetResponse(**serialize_observation(observation))
+            env.close()
+            raise store_full(exc) from None
+        response = SafeJSONResponse(serialize_observation(observation))
+        response.set_cookie(EPISODE_COOKIE, cookie_value(episode.episode_id), path="/",
+                            httponly=True, samesite="lax")  # fmt: skip
+        return response
 
-    @app.post("/step", response_model=StepResponse, tags=["Environment Control"])
-    async def step(request: EpisodeStepRequest) -> StepResponse:
-        """Apply one action to the HTTP episode named by ``episode_id`` (or the latest)."""
+    @json_route(
+        "/step",
+        methods=["POST"],
+        tags=["Environment Control"],
+        responses=documented(
+            400, 404, 422,
+            s200={"model": ObservationResponse, "description": "The observation after the action."},
+        ),
+        operation_id="step",
+    )  # fmt: skip
+    async def step(
+        body: EpisodeStepRequest,
+        tracefix_episode: str | None = Cookie(
+            default=None, max_length=COOKIE_MAX_CHARS, include_in_schema=False
+        ),
+    ) -> Response:
+        """Apply one action to the episode named by ``episode_id``, else by the cookie that
+        ``/reset`` set; 400 with neither, 404 for an unknown or expired episode."""
+        episode_id = body.episode_id or (unquote(tracefix_episode) if tracefix_episode else None)
+        if not episode_id:
+            raise HTTPException(400, NO_EPISODE)
+        episode = lookup(episode_id)
+        episode.in_flight += 1
         try:
-            action = deserialize_action(request.action, TraceFixAction)
-        except ValidationError as exc:
-            raise HTTPException(422, jsonable_encoder(exc.errors(include_url=False))) from None
-        episode = episodes.get(request.episode_id)
-        async with episode.lock:
-            try:
-                observation = await in_thread(episode.env.step, action)
-            except SandboxBusy as exc:
-                raise HTTPException(503, str(exc)) from None
-        episode.last_used = time.monotonic()
-        return StepResponse(**serialize_observation(observation))
+            async with episode.lock:
+                if episode.dropped:  # replaced or evicted while this request waited
+                    raise HTTPException(404, f"episode_id {episode_id!r} was reset again or "
+                                        "evicted while this step waited")  # fmt: skip
+                episodes.stepped(episode)
+                observation = await in_thread(episode.env.step, body.action)
+                episodes.stepped(episode)
+        finally:
+            episode.in_flight -= 1
+        return SafeJSONResponse(serialize_observation(observation))
 
-    @app.get("/state", tags=["State Management"])
+    @json_route(
+        "/state",
+        methods=["GET"],
+        tags=["State Management"],
+        responses=documented(404, 422, s200={"model": TraceFixState, "description": "The state."}),
+        operation_id="state",
+    )
     async def state(
-        episode_id: str | None = Query(default=None, max_length=255),
-    ) -> dict[str, Any]:
-        """State of the named HTTP episode (or the latest; empty before any reset)."""
-        if episode_id is None and (latest := episodes.latest()) is None:
-            return TraceFixState().model_dump()
-        episode = episodes.get(episode_id) if episode_id is not None else latest
-        return episode.env.state.model_dump()
+        episode_id: SafeText | None = Query(default=None, min_length=1, max_length=ID_MAX_CHARS),
+        tracefix_episode: str | None = Cookie(
+            default=None, max_length=COOKIE_MAX_CHARS, include_in_schema=False
+        ),
+    ) -> Response:
+        """State of the episode named by ``episode_id``, else by the cookie; with neither,
+        the empty state (as upstream's stateless ``/state``). Reading does not keep an
+        episode alive."""
+        key = episode_id or (unquote(tracefix_episode) if tracefix_episode else None)
+        if not key:
+            return SafeJSONResponse(TraceFixState().model_dump())
+        return SafeJSONResponse(lookup(key).env.state.model_dump())
 
-    @app.get("/schema", tags=["Schema"])
+    @json_route("/schema", methods=["GET"], tags=["Schema"], response_model=SchemaResponse,
+                responses=documented())  # fmt: skip
     async def schema() -> dict[str, Any]:
         """JSON schemas of the action, observation and state."""
         return {
@@ -118,24 +371,47 @@ def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
             "state": TraceFixState.model_json_schema(),
         }
 
-    @app.get("/health", tags=["Health"])
-    async def health() -> dict[str, Any]:
-        """Liveness plus the facts an operator needs: tasks, sandbox, sessions."""
+    @json_route(
+        "/health",
+        methods=["GET"],
+        tags=["Health"],
+        responses=documented(
+            s200={"model": HealthReport, "description": "Healthy."},
+            s503={"description": "Unhealthy (`reason` says why), or " + SHUTTING_DOWN + ".",
+                  "content": {"application/json": {"schema": {"anyOf": [
+                      {"$ref": f"{REF_PREFIX}HealthReport"},
+                      {"$ref": f"{REF_PREFIX}ErrorDetail"}]}}}},
+        ),
+    )  # fmt: skip
+    async def health() -> Response:
+        """Liveness plus the facts an operator needs: tasks, sandbox, sessions. 503 when the
+        sandbox cannot serve at full strength (e.g. fewer workers alive than configured)."""
         registry = get_registry()
-        return {
-            "status": "healthy",
+        report: dict[str, Any] = {"status": "healthy"}
+        try:
+            sandbox = get_sandbox()
+            problem = sandbox.health_problem()
+            facts = sandbox.describe()
+        except Exception as exc:  # noqa: BLE001 - an unhealthy answer, never a 500
+            log.exception("sandbox health check failed")
+            problem, facts = f"the sandbox health check failed: {exc}", {}
+        if problem is not None:
+            report = {"status": "unhealthy", "reason": problem}
+        report |= {
             "tasks": len(registry.tasks),
             "tasks_skipped": len(registry.problems),
             "http_episodes": len(episodes),
             "server": {"pid": os.getpid(), "open_fds": len(os.listdir("/proc/self/fd"))},
-            "sandbox": get_sandbox().describe(),
+            "sandbox": facts,
         }
+        return SafeJSONResponse(report, status_code=503 if problem is not None else 200)
 
-    @app.get("/tasks", tags=["Environment Info"])
+    @json_route("/tasks", methods=["GET"], tags=["Environment Info"], response_model=TaskPage,
+                responses=documented(422))  # fmt: skip
     async def list_tasks(
-        difficulty: str | None = None,
-        split: str | None = None,
-        source: str | None = None,
+        difficulty: Difficulty | None = None,
+        split: Split | None = None,
+        source: str | None = Query(default=None, max_length=ID_MAX_CHARS),
         offset: int = Query(default=0, ge=0),
         limit: int = Query(default=100, ge=1, le=1000),
     ) -> dict[str, Any]:
@@ -144,10 +420,6 @@ def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
         Use it to build a trainer's dataset of reset arguments, e.g.
         ``{"task_id": ...}`` rows, or ``{"difficulty": ..., "split": ..., "seed": ...}``.
         """
-        if difficulty is not None and difficulty not in models.DIFFICULTIES:
-            raise HTTPException(400, f"unknown difficulty {difficulty!r}")
-        if split is not None and split not in SPLITS:
-            raise HTTPException(400, f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
         registry = get_registry()
         ids = registry.ids(difficulty, split, source)
         rows = [
@@ -161,6 +433,26 @@ def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
             for task in (registry.tasks[i] for i in ids[offset : offset + limit])
         ]
         return {"total": len(ids), "offset": offset, "limit": limit, "tasks": rows}
+
+    metadata_doc = TraceFixEnvironment().get_metadata()  # needs neither tasks nor sandbox
+
+    @json_route("/metadata", methods=["GET"], tags=["Environment Info"],
+                response_model=EnvironmentMetadata, responses=documented())  # fmt: skip
+    async def metadata() -> EnvironmentMetadata:
+        """Name, description and version of the environment."""
+        return metadata_doc
+
+    json_route(
+        "/mcp",
+        methods=["POST"],
+        tags=["MCP"],
+        responses=documented(s200={"model": JsonRpcResponse, "description": "A JSON-RPC 2.0 "
+                                   "answer; errors are JSON-RPC errors."}),
+        openapi_extra={"requestBody": {
+            "description": "A JSON-RPC 2.0 request; any other body gets a JSON-RPC error.",
+            "content": {"application/json": {"schema": {}}},
+        }},
+    )(_mcp_route(openenv_mcp))  # fmt: skip
 
     async def close_episodes() -> None:
         episodes.close()

@@ -194,6 +194,28 @@ def test_syntax_error_is_flagged_and_graded_as_failure(env):
     assert obs.test_results[0].error_message.startswith("SyntaxError: expected ':' (line 5)")
 
 
+def test_undo_history_is_bounded_in_size(env):
+    from environment import UNDO_DEPTH, UNDO_MAX_CHARS
+
+    big = "\n".join(f"x{i} = {'9' * 90}" for i in range(180))  # ~18,000 characters
+    versions = []
+    for n in range(25):
+        obs = env.step(act("REPLACE_LINES", start_line=1, end_line=len(env._lines),
+                           new_code_block=f"# version {n}\n" + big))  # fmt: skip
+        assert obs.last_action_error is None
+        versions.append(code_of(obs))
+    assert sum(map(len, env._history)) <= UNDO_MAX_CHARS and len(env._history) <= UNDO_DEPTH
+    kept = len(env._history)
+    assert 1 <= kept < 25
+    for expected in reversed(versions[-kept - 1 : -1]):
+        assert code_of(env.step(act("UNDO_EDIT"))) == expected
+    assert env.step(act("UNDO_EDIT")).last_action_error == "nothing to undo"
+    env.step(act("REPLACE_LINES", start_line=1, end_line=len(env._lines), new_code_block=""))
+    assert env._lines == []
+    env.step(act("REPLACE_LINES", start_line=1, end_line=0, new_code_block="x = 1"))
+    assert code_of(env.step(act("UNDO_EDIT"))) == [] and env._lines == []
+
+
 def test_undo_and_reset_to_original(env, registry):
     original = registry.tasks[TASK].buggy_code.rstrip("\n").split("\n")
     obs = env.step(act("UNDO_EDIT"))

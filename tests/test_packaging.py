@@ -97,8 +97,9 @@ def test_dockerfile_essentials():
 def test_web_interface_serves_playground_and_stateful_http(start_server):
     proc = start_server(extra_env={"ENABLE_WEB_INTERFACE": "true"})
     assert httpx.get(f"{proc.url}/web/", timeout=30).status_code == 200
-    reset = httpx.post(f"{proc.url}/reset", json={"seed": 1, "episode_id": "web-1"}, timeout=30)
-    step = httpx.post(f"{proc.url}/step", json={"action": {"action_type": "VIEW_CODE"}}, timeout=30)
+    with httpx.Client(base_url=proc.url, timeout=30) as client:  # keeps /reset's cookie
+        reset = client.post("/reset", json={"seed": 1, "episode_id": "web-1"})
+        step = client.post("/step", json={"action": {"action_type": "VIEW_CODE"}})
     assert reset.status_code == step.status_code == 200
     assert step.json()["observation"]["episode_id"] == "web-1"
     assert step.json()["observation"]["step_count"] == 1

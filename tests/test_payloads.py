@@ -12,10 +12,13 @@ stays read-only through the seccomp filter, so nothing can be written, deleted o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -165,7 +168,13 @@ def world(request) -> Iterator[World]:
 
 
 def post(world: World, path: str, body: dict) -> dict:
-    response = httpx.post(f"{world.server.url}{path}", json=body, timeout=60)
+    """POST ``body`` as ASCII JSON (lone surrogates in it travel as ``\\udXXX`` escapes)."""
+    response = httpx.post(
+        f"{world.server.url}{path}",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
     assert response.status_code == 200, response.text
     assert FAKE_SECRET not in response.text
     return response.json()
@@ -381,6 +390,52 @@ def tampered(obs: dict, world: World) -> None:
     assert all("tampered" in r["error_message"] for r in obs["test_results"])
 
 
+def nothing_of_other_evaluations(obs: dict, world: World) -> None:
+    line = next(x for x in obs["last_execution_output"].splitlines() if x.startswith("SCAN"))
+    fields = dict(part.split("=") for part in line.split()[1:])
+    assert int(fields["pages"]) > 1000, line  # the scan read memory...
+    assert fields["gc"] == "own" and fields["raw"] == "own", line  # ...and saw only its own
+
+
+def filesystem_untouched(*denials: str) -> Callable[[dict, World], None]:
+    """Every filesystem change was refused with these errors (``DENIED <type>`` lines), the
+    victims are as they were and every worker's directory is still empty."""
+
+    def check(obs: dict, world: World) -> None:
+        out = obs["last_execution_output"]
+        for denial in denials:
+            assert f"DENIED {denial}" in out, out
+        assert obs["tests_passed"] == VISIBLE, obs["test_results"]
+        assert (world.victims / "keep.txt").read_text() == "keep me"
+        assert (world.victims / "keep.txt").stat().st_mode & 0o777 == 0o666
+        assert sorted(p.name for p in world.victims.iterdir()) == ["keep.txt", "secret.txt"]
+        for cwd in world.root.glob("*/w*/cwd"):
+            assert list(cwd.iterdir()) == [], cwd
+
+    return check
+
+
+def each_denied(*statements: str) -> str:
+    """Run every statement at import, printing ``DENIED <type>`` for each that fails."""
+    lines = []
+    for statement in statements:
+        lines += ["try:", f"    {statement}", "except Exception as exc:",
+                  "    print('DENIED', type(exc).__name__)"]  # fmt: skip
+    return "\n".join(lines) + "\n" + CORRECT
+
+
+def scored_despite_surrogates(obs: dict, world: World) -> None:
+    """The graded episode delivered its score (the response was encodable)."""
+    assert obs["score"] == 0.0 and obs["solved"] is False and obs["steps_remaining"] >= 0
+    assert "\\udcff" in json.dumps(obs), obs["last_execution_output"]
+
+
+def surrogates_escaped(obs: dict, world: World) -> None:
+    details = " ".join(r["error_message"] or "" for r in obs["test_results"])
+    assert "\\ud800" in details or "\\udcff" in details, details
+    assert obs["tests_passed"] == 0
+
+
 def killed_by_sigsys(obs: dict, world: World) -> None:
     assert obs["tests_passed"] == 0
     assert "signal 31" in obs["test_results"][0]["error_message"], obs["test_results"]
@@ -447,6 +502,65 @@ def sum_of_evens(nums):
 """
 
 SYSCALL = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+
+# Reads every string this process can reach through the garbage collector, and every page
+# of memory around the heap and the interpreter's object arenas (a pipe write of an unmapped
+# address fails with EFAULT instead of crashing, so the scan is safe), looking for the task's
+# hidden tests and for another payload's code. Its own visible tests must be found by both
+# methods: that proves the scan sees where request data lives.
+MEMORY_SCAN = """
+import ctypes, gc, os, sys
+# Every byte shifted by one, and memory shifted the same way before the search, so that the
+# needles never sit in this process's memory, not even in the shifted copies the search
+# makes (shifting twice does not give them back, as reversing or XOR would).
+SHIFT = bytes((b + 1) % 256 for b in range(256))
+NEEDLES = {
+    'own': b'tvn`pg`fwfot)\\\\8-!:-!22^*',
+    'hidden1': b'tvn`pg`fwfot)\\\\.5-!.4-!3^*',
+    'hidden2': b'tvn`pg`fwfot)mjtu)sbohf)212***',
+    'hidden3': b'tvn`pg`fwfot))5-!6-!7**',
+    'other_payload': b'usbdfgjy`qmboufe',
+}
+WINDOW = 48 * 2 ** 20
+def found_in(data):
+    data = data.translate(SHIFT)
+    return {name for name, needle in NEEDLES.items() if needle in data}
+def scan():
+    texts = []
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, dict):
+                texts += [t for pair in obj.items() for t in pair if isinstance(t, str)]
+            elif isinstance(obj, (list, tuple)):
+                texts += [t for t in obj if isinstance(t, str)]
+        except Exception:
+            pass
+    gc_found = found_in('\\n'.join(texts).encode('utf-8', 'replace'))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.sbrk.restype = ctypes.c_void_p
+    libc.write.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    read_end, write_end = os.pipe()
+    pages, raw, seen = 0, set(), set()
+    for anchor in (libc.sbrk(0), id(NEEDLES), id(sys.modules)):
+        base = anchor & ~0xFFF
+        tail = b''
+        for address in range(base - WINDOW, base + WINDOW, 4096):
+            if address in seen or address <= 0:
+                tail = b''
+                continue
+            seen.add(address)
+            if libc.write(write_end, address, 4096) != 4096:
+                tail = b''
+                continue
+            page = tail + os.read(read_end, 4096)
+            pages += 1
+            raw |= found_in(page)
+            tail = page[-64:]
+    return 'SCAN pages=%d gc=%s raw=%s' % (pages, ','.join(sorted(gc_found)), ','.join(sorted(raw)))
+if not hasattr(sys, 'scan_result'):
+    sys.scan_result = scan()
+print(sys.scan_result)
+"""
 
 PAYLOADS = [
     Payload("honest_fix", CORRECT, passed(VISIBLE)),
@@ -556,6 +670,63 @@ PAYLOADS = [
     Payload("unshare_namespaces", SYSCALL + "print('UNSHARE', libc.unshare(0x10000000 | "
             "0x40000000), ctypes.get_errno())\n" + CORRECT, output_has("UNSHARE -1 1")),
     Payload("foreign_arch_syscall", SHELLCODE, killed_by_sigsys, needs_seccomp=True),
+    # -- the filesystem is read-only: no shape of tree, no flood of files (items 1 and 3) --
+    Payload("deep_directory_tree", guarded(
+        "import os\nfor level in range(20000):\n    os.mkdir('d')\n    os.chdir('d')"),
+            filesystem_untouched("OSError")),
+    Payload("file_flood", guarded(
+        "for i in range(16000):\n    open('f%d' % i, 'wb').write(b'x' * 65536)"),
+        filesystem_untouched("OSError")),
+    Payload("create_by_every_open_flag", each_denied(
+        "import os; os.close(os.open('a', os.O_WRONLY | os.O_CREAT))",
+        "import os; os.close(os.open('.', os.O_TMPFILE | os.O_RDWR))",
+        "import os; os.close(os.open('$victim_dir/keep.txt', os.O_RDWR))",
+        "import os; os.close(os.open('$victim_dir/keep.txt', os.O_WRONLY | os.O_APPEND))",
+        "open('$victim_dir/keep.txt', 'r+').write('x')",
+        "import tempfile; tempfile.TemporaryFile()",
+        "import tempfile; tempfile.mkdtemp()",
+    ), filesystem_untouched("OSError")),
+    Payload("links_fifos_and_renames", each_denied(
+        "import os; os.symlink('/etc', 'link')",
+        "import os; os.link('$victim_dir/keep.txt', '$victim_dir/hard')",
+        "import os; os.mkfifo('fifo')",
+        "import os; os.rename('$victim_dir/keep.txt', '$victim_dir/moved')",
+        "import os; os.mkdir('$victim_dir/sub')",
+    ), filesystem_untouched("OSError", "PermissionError")),
+    Payload("change_metadata_of_existing_files", each_denied(
+        "import os; os.chmod('$victim_dir/keep.txt', 0)",
+        "import os; os.chmod('.', 0o777)",
+        "import os; os.truncate('$victim_dir/keep.txt', 0)",
+        "import os; os.utime('$victim_dir/keep.txt', (0, 0))",
+        "import os; os.unlink('$victim_dir/secret.txt')",
+        "import os; os.rmdir('.')",
+        "import os; os.setxattr('$victim_dir/keep.txt', 'user.x', b'1')",
+    ), filesystem_untouched("OSError")),
+    Payload("memfd_flood_is_bounded", guarded(
+        "import os\nfds = []\nfor i in range(100000):\n"
+        "    fd = os.memfd_create('m')\n    fds.append(fd)\n    os.write(fd, b'x' * 2 ** 20)"),
+        filesystem_untouched("OSError")),
+    # -- agent text that UTF-8 cannot encode (item 4) --
+    Payload("surrogate_in_exception_then_submit",
+            "def sum_of_evens(nums):\n    raise ValueError('bad \\udcff')\n",
+            scored_despite_surrogates, action="SUBMIT"),
+    Payload("raw_surrogates_in_values_names_and_output",
+            "E = type('E\ud800', (Exception,), {})\n"
+            "def sum_of_evens(nums):\n    print('\udcff')\n    raise E('\ud800')\n",
+            surrogates_escaped),
+    # -- the agent's own deaths stay its own results, never sandbox faults (item 5) --
+    Payload("sigkill_itself", each_denied(
+        "import os, signal; os.kill(os.getpid(), signal.SIGKILL)",
+        "import signal; signal.raise_signal(signal.SIGKILL)",
+        "import os, signal, threading; signal.pthread_kill(threading.get_ident(), 9)",
+    ), output_has("DENIED PermissionError")),
+    Payload("exit_with_the_setup_failure_code", "import os\nos._exit(70)\n" + CORRECT,
+            all_fail_with("exit code 70")),
+    Payload("abort", "import os\ndef sum_of_evens(nums):\n    os.abort()\n",
+            all_fail_with("signal 6")),
+    # last: after SUBMITs sent this task's hidden tests through the same workers
+    Payload("memory_holds_nothing_of_other_evaluations", MEMORY_SCAN + CORRECT,
+            nothing_of_other_evaluations),
 ]  # fmt: skip
 
 
@@ -602,6 +773,7 @@ def test_payload(world: World, payload: Payload):
     assert health(world)["server"]["open_fds"] == world.baseline_fds
     if world.seccomp:
         assert facts["sandbox"]["respawns"] == 0
+        assert facts["sandbox"]["faults"] == 0  # nothing the agent did counts as a fault
 
 
 def test_workers_survived_every_payload(world: World):
@@ -609,3 +781,101 @@ def test_workers_survived_every_payload(world: World):
     facts = health(world)["sandbox"]
     assert facts["workers_alive"] == facts["workers"]
     assert facts["evaluations"] >= len(PAYLOADS)
+
+
+# -- faults of the sandbox during grading (issue 10, item 5): retried, never scored ------------
+
+# Correct code whose first test names its process (PR_SET_NAME: /proc/<pid>/comm is readable
+# by anyone) and sleeps, so the test can find the evaluation's process and kill it mid-run.
+SLOW_CORRECT = (
+    "import ctypes, sys, time\n"
+    "if not hasattr(sys, 'named'):\n"
+    "    sys.named = ctypes.CDLL(None).prctl(15, b'faultvictim', 0, 0, 0)\n"
+    "    time.sleep(0.4)\n" + CORRECT
+)
+
+
+def victims(world: World, exclude: set[int]) -> list[int]:
+    found = []
+    for pid in all_pids():
+        if pid in exclude:
+            continue
+        try:
+            comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            continue
+        if comm == "faultvictim" and process_uid_and_parent(pid) is not None:  # not a zombie
+            found.append(pid)
+    return found
+
+
+def kill_next_evaluation(world: World, target: str, exclude: set[int]) -> int:
+    """Wait for the next slow evaluation's process; SIGKILL it (``child``) or its worker."""
+    deadline = time.monotonic() + 20
+    while not (found := victims(world, exclude)):
+        assert time.monotonic() < deadline, "the evaluation never started"
+        time.sleep(0.005)
+    victim = found[0]
+    parent = process_uid_and_parent(victim)
+    assert parent is not None
+    os.kill(victim if target == "child" else parent[1], signal.SIGKILL)
+    return victim
+
+
+def submit_in_background(world: World, episode: str) -> tuple[threading.Thread, list[dict]]:
+    replies: list[dict] = []
+    thread = threading.Thread(
+        target=lambda: replies.append(
+            post(world, "/step", {"episode_id": episode, "action": {"action_type": "SUBMIT"}})
+        )
+    )
+    thread.start()
+    return thread, replies
+
+
+def wait_healthy(world: World) -> dict:
+    deadline = time.monotonic() + 20
+    while True:
+        response = httpx.get(f"{world.server.url}/health", timeout=30)
+        if response.status_code == 200:
+            return response.json()
+        assert time.monotonic() < deadline, response.text
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("target", ["worker", "child"])
+def test_a_fault_during_submit_is_retried_and_not_scored(world: World, target: str):
+    faults = wait_healthy(world)["sandbox"]["faults"]
+    episode = f"fault-once-{target}"
+    post(world, "/reset", {"task_id": TASK, "episode_id": episode})
+    replace_all(world, episode, SLOW_CORRECT)
+    thread, replies = submit_in_background(world, episode)
+    kill_next_evaluation(world, target, set())
+    thread.join()
+    obs = replies[0]["observation"]
+    assert replies[0]["done"] is True and obs["last_action_error"] is None
+    assert obs["solved"] is True and obs["score"] == 1.0  # the retry graded the correct code
+    facts = wait_healthy(world)
+    assert facts["sandbox"]["faults"] == faults + 1
+    assert facts["sandbox"]["workers_alive"] == facts["sandbox"]["workers"]
+    canary_check(world)
+
+
+def test_a_fault_on_the_retry_too_leaves_the_episode_open(world: World):
+    episode = "fault-twice"
+    post(world, "/reset", {"task_id": TASK, "episode_id": episode})
+    before = replace_all(world, episode, SLOW_CORRECT)["observation"]["step_count"]
+    thread, replies = submit_in_background(world, episode)
+    first = kill_next_evaluation(world, "child", set())
+    kill_next_evaluation(world, "worker", {first})
+    thread.join()
+    reply = replies[0]
+    obs = reply["observation"]
+    assert "sandbox fault" in obs["last_action_error"], obs["last_action_error"]
+    assert "not counted" in obs["last_action_error"]
+    assert reply["done"] is False and reply["reward"] == 0.0 and obs["score"] is None
+    assert obs["step_count"] == before  # no step taken, no penalty
+    wait_healthy(world)
+    final = post(world, "/step", {"episode_id": episode, "action": {"action_type": "SUBMIT"}})
+    assert final["done"] is True and final["observation"]["solved"] is True
+    canary_check(world)

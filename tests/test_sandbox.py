@@ -182,8 +182,9 @@ def test_fair_slots_serve_waiters_in_order():
 def test_worker_killed_while_idle_is_replaced(tmp_path):
     pool = ZygotePool(root=str(tmp_path), workers=1)
     try:
-        pool._idle[0].proc.kill()
-        pool._idle[0].proc.wait()
+        worker = pool._idle[0]
+        worker.proc.kill()
+        worker.proc.wait()
         assert run(pool, "", "41 + 1").records == [{"i": 0, "v": 42}]
         assert pool.describe()["respawns"] == 1 and pool.describe()["workers_alive"] == 1
     finally:
@@ -272,5 +273,96 @@ def test_interrupted_call_replaces_the_worker(tmp_path):
         assert run(pool, "", "2").records == [{"i": 0, "v": 2}]  # not the stale "1"
         assert run(pool, "", "3").records == [{"i": 0, "v": 3}]
         assert pool.describe()["respawns"] == 1  # the interrupted worker was replaced
+    finally:
+        pool.close()
+
+
+# -- faults of the sandbox versus failures of the agent's code (issue 10, item 5) -------------
+
+
+def test_child_killed_from_outside_is_retried(tmp_path):
+    pool = ZygotePool(root=str(tmp_path), workers=1)
+    try:
+        code = (
+            "import ctypes, time\n"
+            "ctypes.CDLL(None).prctl(15, b'faultvictim', 0, 0, 0)\n"  # PR_SET_NAME: findable
+            "time.sleep(0.5)\n"
+        )
+        outcome: list = []
+        runner = threading.Thread(target=lambda: outcome.append(run(pool, code, "7")))
+        runner.start()
+        victim = None
+        while victim is None:
+            victim = next((p for p in os.listdir("/proc") if p.isdigit() and _comm(p) ==
+                           "faultvictim"), None)  # fmt: skip
+        os.kill(int(victim), signal.SIGKILL)
+        runner.join()
+        assert outcome[0].records == [{"i": 0, "v": 7}]  # the retry's own child ran to the end
+        facts = pool.describe()
+        assert facts["faults"] == 1 and facts["respawns"] == 0  # the worker itself was fine
+    finally:
+        pool.close()
+
+
+def _comm(pid: str) -> str:
+    try:
+        return open(f"/proc/{pid}/comm").read().strip()
+    except OSError:
+        return ""
+
+
+def test_the_agents_own_failures_are_not_faults(sandbox):
+    faults = sandbox.describe()["faults"]
+    exited = run(sandbox, "import os\n", "os._exit(70)")  # the setup-failure exit code
+    assert exited.records == [] and exited.exit_code == 70
+    aborted = run(sandbox, "import os\n", "os.abort()")
+    assert aborted.records == [] and aborted.signal == signal.SIGABRT
+    suicide = run(sandbox, "import os, signal\n", "os.kill(os.getpid(), signal.SIGKILL)",
+                  "signal.raise_signal(signal.SIGKILL)")  # fmt: skip
+    assert [r["e"] for r in suicide.records] == ["PermissionError", "PermissionError"]
+    hard_cpu = run(
+        sandbox,
+        "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\n"
+        "signal.signal(signal.SIGALRM, signal.SIG_IGN)\n",
+        "while True: pass",
+        limits=Limits(wall_s=10.0, per_test_s=10.0, cpu_s=1),
+    )  # SIGXCPU ignored: the hard limit's SIGKILL ends it, and that is still its CPU limit
+    assert hard_cpu.records == [] and hard_cpu.signal == signal.SIGXCPU
+    assert not hard_cpu.timed_out
+    assert sandbox.describe()["faults"] == faults
+
+
+def test_cancel_drops_a_queued_evaluation_and_kills_a_running_one(tmp_path):
+    from sandbox import EvaluationCancelled
+
+    pool = ZygotePool(root=str(tmp_path), workers=1, limits=Limits(wall_s=30, per_test_s=30))
+    try:
+        running, queued = threading.Event(), threading.Event()
+        errors: dict[str, BaseException] = {}
+
+        def call(name: str, cancel: threading.Event) -> None:
+            try:
+                pool.run(EvalRequest("import time\ntime.sleep(20)", ("1",)), cancel=cancel)
+            except BaseException as exc:  # noqa: BLE001
+                errors[name] = exc
+
+        threads = [threading.Thread(target=call, args=("running", running))]
+        threads[0].start()
+        while pool.describe()["in_flight"] == 0:
+            time.sleep(0.005)
+        threads.append(threading.Thread(target=call, args=("queued", queued)))
+        threads[1].start()
+        while pool.describe()["queued"] == 0:
+            time.sleep(0.005)
+        started = time.monotonic()
+        queued.set()
+        threads[1].join()
+        running.set()
+        threads[0].join()
+        assert time.monotonic() - started < 2  # not the 20 s the code sleeps
+        assert all(isinstance(errors[n], EvaluationCancelled) for n in ("running", "queued"))
+        assert pool.describe()["cancelled"] == 2
+        assert run(pool, "", "5").records == [{"i": 0, "v": 5}]  # the worker serves again
+        assert pool.describe()["faults"] == 0
     finally:
         pool.close()
