@@ -7,9 +7,9 @@ sandbox. The backend is a pool of warm, exec-started zygotes (``pool``) that for
 per evaluation with every layer of ``layers`` applied.
 
 Configuration (environment variables): ``SANDBOX_WORKERS`` (pool size, default the CPU
-count clamped to 2..8), ``SANDBOX_QUEUE_TIMEOUT_S`` (30), ``SANDBOX_MAX_QUEUE`` (1024),
-``SANDBOX_ALLOW_DEGRADED`` (run without seccomp), ``SANDBOX_DISABLE_LANDLOCK``, ``SANDBOX_ROOT``
-and the limits of :meth:`Limits.from_env`.
+count + 1, at least 2 and at most 8), ``SANDBOX_QUEUE_TIMEOUT_S`` (30),
+``SANDBOX_MAX_QUEUE`` (1024), ``SANDBOX_ALLOW_DEGRADED`` (run without seccomp),
+``SANDBOX_DISABLE_LANDLOCK``, ``SANDBOX_ROOT`` and the limits of :meth:`Limits.from_env`.
 """
 
 from __future__ import annotations

@@ -114,8 +114,20 @@ class Config:
         self.landlock_abi = abi
         self.seccomp = layers.seccomp_supported() and not options.get("no_seccomp")
         self.read_only = layers.open_read_only(layers.read_only_paths()) if abi else []
+        self.seccomp_error = ""
         if self.seccomp:
-            layers.seccomp_program(0, self.early_seccomp)  # assemble once, not per child
+            self.child_filter = layers.child_seccomp(self.early_seccomp)
+            self._install_worker_filter()
+
+    def _install_worker_filter(self) -> None:
+        """The worker filter goes on this worker itself (its children inherit it), with its
+        other rlimits locked, which children inherit too."""
+        try:
+            layers.lock_other_rlimits()
+            layers.set_no_new_privs()
+            layers.worker_seccomp().install()
+        except OSError as exc:
+            self.seccomp, self.seccomp_error = False, str(exc)
 
     @property
     def early_seccomp(self) -> bool:
@@ -133,9 +145,8 @@ class Config:
 def _setup_child(config: Config, out_fd: int, keep: tuple[int, ...]) -> dict:
     """Apply the layers that need no request; return {layer: error} for any that failed."""
     errors: dict[str, str] = {}
-    layers.set_parent_death_signal(signal.SIGKILL)
     os.setsid()
-    devnull = os.open("/dev/null", os.O_RDWR)
+    devnull = os.open("/dev/null", os.O_RDONLY)  # stdin; writing opens are refused now
     os.dup2(devnull, 0)
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
@@ -145,7 +156,9 @@ def _setup_child(config: Config, out_fd: int, keep: tuple[int, ...]) -> dict:
             layers.drop_root(config.uid)
         except OSError as exc:
             errors["uid_drop"] = str(exc)
-    layers.set_parent_death_signal(signal.SIGKILL)  # a uid change cleared it
+    # Set after the uid drop (which would clear it); a worker that died before this is
+    # caught by the parent check in _child_main.
+    layers.set_parent_death_signal(signal.SIGKILL)
     layers.set_no_new_privs()
     if config.landlock_abi:
         try:
@@ -160,7 +173,6 @@ def _setup_child(config: Config, out_fd: int, keep: tuple[int, ...]) -> dict:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if config.seccomp and config.early_seccomp:
-        layers.lock_other_rlimits()
         _install_seccomp(config, errors)
     return errors
 
@@ -176,7 +188,7 @@ def _finish_setup(config: Config, limits: dict) -> dict:
 
 def _install_seccomp(config: Config, errors: dict[str, str]) -> None:
     try:
-        layers.apply_seccomp(allow_rlimits=config.early_seccomp)
+        config.child_filter.install(os.getpid())
     except OSError as exc:
         errors["seccomp"] = str(exc)
 
@@ -301,6 +313,7 @@ def probe(config: Config) -> dict:
             report: dict = {"errors": errors, "uid": os.getuid()}
             report["rlimits"] = layers.resource.getrlimit(layers.resource.RLIMIT_CPU)[1] == 3
             report["seccomp"] = _fails(lambda: socket.socket().close(), errno.EPERM)
+            report["child_filter"] = _fails(_fork_and_reap, errno.EPERM)
             report["read_only_fs"] = _fails(
                 lambda: open("probe", "w").close(), errno.EROFS, errno.EACCES
             )
@@ -316,7 +329,14 @@ def probe(config: Config) -> dict:
         os.close(fd)
     report = json.loads(raw or b'{"errors": {"probe": "no report"}}')
     errors = report.get("errors", {})
-    seccomp = config.seccomp and report.get("seccomp") is True and "seccomp" not in errors
+    if config.seccomp_error:
+        errors["seccomp"] = config.seccomp_error
+    seccomp = (
+        config.seccomp
+        and report.get("seccomp") is True
+        and report.get("child_filter") is True
+        and "seccomp" not in errors
+    )
     landlock = bool(config.landlock_abi) and report.get("landlock") is True
     uid_drop = config.uid is not None and report.get("uid") == config.uid
     config.seccomp, config.landlock_abi = seccomp, config.landlock_abi if landlock else 0
@@ -345,6 +365,13 @@ def _read_all(fd: int, deadline: float) -> bytes:
             break
         data += chunk
     return data
+
+
+def _fork_and_reap() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
 
 
 def _fails(action, *expected_errnos: int) -> bool:

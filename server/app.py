@@ -147,6 +147,7 @@ def main() -> None:
         port=args.port,
         log_level=args.log_level.lower(),
         max_message_bytes=app.state.max_request_bytes,
+        ws_compression=os.environ.get("WS_COMPRESSION", "").strip().lower() in ("1", "true", "yes"),
         sessions=app.state.ws_sessions,
         close_episodes=app.state.http_episodes.close,
         close_sandbox=sandbox.close_sandbox,

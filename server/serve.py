@@ -207,6 +207,7 @@ def run(
     port: int,
     log_level: str,
     max_message_bytes: int,
+    ws_compression: bool,
     sessions: WebSocketSessions,
     close_episodes: Callable[[], None],
     close_sandbox: Callable[[], None],
@@ -219,6 +220,7 @@ def run(
         port=port,
         log_level=log_level,
         ws_max_size=WS_HARD_LIMIT_FACTOR * max_message_bytes,
+        ws_per_message_deflate=ws_compression,
         timeout_graceful_shutdown=UVICORN_GRACE_S,
     )
     server = GracefulServer(config, gate, sessions, close_episodes, close_sandbox)

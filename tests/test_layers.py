@@ -23,26 +23,24 @@ def test_syscall_numbers_match_the_kernel_header():
 
 def test_every_denied_syscall_is_known():
     table = {**layers.SYSCALLS_X86_64, **layers.SYSCALLS_X86_64_NEWER}
-    denied = layers.DENIED_SYSCALLS + layers.SELF_SIGNAL_SYSCALLS + layers.READ_ONLY_FS_SYSCALLS
+    denied = (
+        layers.DENIED_SYSCALLS
+        + layers.CHILD_DENIED_SYSCALLS
+        + layers.SELF_SIGNAL_SYSCALLS
+        + layers.READ_ONLY_FS_SYSCALLS
+    )
     assert set(denied) <= set(table)
-    for needed in ("open", "openat", "unlink", "mkdir", "rename", "chmod", "truncate"):
-        assert needed in layers.READ_ONLY_FS_SYSCALLS or needed.startswith("open")
-    for needed in (
-        "fork",
-        "vfork",
-        "execve",
-        "socket",
-        "ptrace",
-        "io_uring_setup",
-        "unshare",
-        "setrlimit",
-        "setsid",
-    ):
-        assert needed in layers.DENIED_SYSCALLS
+    for needed in ("execve", "socket", "ptrace", "io_uring_setup", "unshare", "bpf"):
+        assert needed in layers.DENIED_SYSCALLS  # the worker filter: worker and children
+    for needed in ("fork", "vfork", "setsid", "setrlimit", "setuid", "setgroups"):
+        assert needed in layers.CHILD_DENIED_SYSCALLS  # the child filter
+    for needed in ("unlink", "mkdir", "rename", "chmod", "truncate", "symlink", "link"):
+        assert needed in layers.READ_ONLY_FS_SYSCALLS
 
 
-def test_bpf_program_checks_the_architecture_first():
-    program = layers.seccomp_program(1234)
+@pytest.mark.parametrize("program", [layers.worker_filter(), layers.child_filter(1234)],
+                         ids=["worker", "child"])  # fmt: skip
+def test_bpf_programs_check_the_architecture_first(program):
     assert len(program) % 8 == 0
     first = program[:8]
     assert first[:2] == (0x20).to_bytes(2, "little") and first[4:] == (4).to_bytes(4, "little")
@@ -84,5 +82,7 @@ def test_landlock_can_be_forced_off():
 
 
 def test_prepared_filter_equals_a_fresh_assembly():
-    assert layers.seccomp_program(4321) == layers._assemble_seccomp(4321)
-    assert layers.seccomp_program(1) != layers.seccomp_program(2)
+    for allow in (False, True):
+        assert layers.child_filter(4321, allow) == layers._assemble_child_filter(4321, allow)
+    assert layers.child_filter(1) != layers.child_filter(2)
+    assert len(layers.child_filter(1)) < len(layers.worker_filter()) / 2  # cheap per child
