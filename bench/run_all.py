@@ -3,8 +3,9 @@
     uv run python bench/run_all.py [--quick]
 
 Runs, each in a fresh process so one cannot warm or slow the next: the sandbox benchmark,
-the sessions benchmark (WebSocket N = 64, 256, 512; stateful HTTP N = 64, 256), cold start
-(5 runs) and corpus generation; then ``bench/report.py``. About 5 minutes on 2 cores.
+the sessions benchmark (WebSocket N = 64, 256, 512; stateful HTTP N = 64, 256; 256
+WebSocket sessions of 10 steps, half RUN_TESTS), cold start (5 runs), corpus generation and
+the 6,000-episode soak; then ``bench/report.py``. About 9 minutes on 2 cores.
 ``--quick`` is a smoke run (few samples, 32 sessions, no generation) that still writes
 results: rerun without it before committing numbers. Progress goes to stderr.
 """
@@ -20,14 +21,27 @@ from common import REPO
 
 FULL = [
     ["sandbox_bench.py"],
-    ["sessions_bench.py", "--sessions", "64", "256", "512", "--http", "64", "256"],
+    [
+        "sessions_bench.py",
+        "--sessions",
+        "64",
+        "256",
+        "512",
+        "--http",
+        "64",
+        "256",
+        "--tests-half",
+        "256",
+    ],
     ["coldstart_bench.py", "--runs", "5"],
     ["generate_bench.py"],
+    ["soak_bench.py", "--episodes", "6000"],
 ]
 QUICK = [
     ["sandbox_bench.py", "--quick"],
-    ["sessions_bench.py", "--sessions", "32", "--http", "32"],
+    ["sessions_bench.py", "--sessions", "32", "--http", "32", "--tests-half", "32"],
     ["coldstart_bench.py", "--runs", "2"],
+    ["soak_bench.py", "--quick"],
 ]
 
 

@@ -58,6 +58,38 @@ for _ in range(int(sys.argv[1])):
     samples.append((time.perf_counter() - start) * 1000)
 print(",".join(f"{s:.4f}" for s in samples))
 """
+MULTIPROCESSING_SMALL = """
+import json, multiprocessing, sys, time
+def child(code, tests, results):
+    namespace = {}
+    outcomes = []
+    try:
+        exec(compile(code, "<solution>", "exec"), namespace)
+        for source in tests:
+            try:
+                exec(compile(source, "<test>", "exec"), namespace)
+                outcomes.append((True, ""))
+            except Exception as exc:
+                outcomes.append((False, repr(exc)))
+    except Exception as exc:
+        outcomes.append((False, repr(exc)))
+    results.put(outcomes)
+if __name__ == "__main__":
+    request = json.loads(sys.argv[2])
+    context = multiprocessing.get_context("fork")
+    samples = []
+    for _ in range(int(sys.argv[1])):
+        start = time.perf_counter()
+        results = context.Queue()
+        process = context.Process(target=child, args=(request["code"], request["tests"], results))
+        process.start()
+        outcomes = results.get(timeout=5)
+        process.join(5)
+        results.close()
+        samples.append((time.perf_counter() - start) * 1000)
+        assert len(outcomes) == len(request["tests"])
+    print(",".join(f"{s:.4f}" for s in samples))
+"""
 FORK_FLOOR = """
 import os, sys, time
 samples = []
@@ -146,6 +178,19 @@ def _tracefix_child(code: str, tests: list[str], results: multiprocessing.Queue)
     results.put(outcomes)
 
 
+def multiprocessing_small(task_id: str, n: int) -> dict[str, float]:
+    """A plain ``multiprocessing`` fork ``Process`` per run with no isolation, from a small
+    interpreter that loaded only ``multiprocessing`` (the TraceFix-style child below, without
+    the cost of forking a server-sized parent): the stricter baseline."""
+    task = get_registry().tasks[task_id]
+    request = {"code": task.solution, "tests": [t.code for t in task.visible_tests]}
+    out = subprocess.run(
+        [sys.executable, "-s", "-S", "-c", MULTIPROCESSING_SMALL, str(n), json.dumps(request)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return summarize([float(x) for x in out.stdout.strip().split(",")])
+
+
 def tracefix_baseline(task_id: str, n: int) -> dict[str, float]:
     """TraceFix-style process-per-run: a ``multiprocessing`` fork Process of this (server-
     sized) process per evaluation, results through a Queue, ``join`` with a 5 s timeout."""
@@ -217,6 +262,7 @@ def run(quick: bool = False) -> dict:
     latency = {tier: run_tests_latency(task, n) for tier, task in TIER_TASKS.items()}
     parent_rss = rss_mib()
     baseline = {tier: tracefix_baseline(task, n) for tier, task in TIER_TASKS.items()}
+    small = {tier: multiprocessing_small(task, n) for tier, task in TIER_TASKS.items()}
     rates = [throughput(sandbox, c, seconds) for c in (1, 2, 4, 8)]
     workers = worker_sweep((1, 2, 3, 4), seconds)
     report = write_result("sandbox", {
@@ -225,6 +271,11 @@ def run(quick: bool = False) -> dict:
         "fork_floor": floors,
         "run_tests": latency,
         "tracefix_baseline": {"parent_rss_mib": parent_rss, **baseline},
+        "multiprocessing_small": small,
+        "ratio_p50_to_multiprocessing_small": {
+            tier: round(stats["p50_ms"] / small[tier]["p50_ms"], 2)
+            for tier, stats in latency.items()
+        },
         "ratio_p50_to_fork_floor": {
             tier: round(stats["p50_ms"] / floors[tier]["p50_ms"], 2)
             for tier, stats in latency.items()
@@ -243,7 +294,9 @@ def run(quick: bool = False) -> dict:
         print(f"{tier:6} ({TIER_TASKS[tier]}): RUN_TESTS p50 {stats['p50_ms']} ms, "
               f"p99 {stats['p99_ms']} ms; fork floor p50 {floors[tier]['p50_ms']} ms "
               f"({to_floor}x); TraceFix-style p50 {baseline[tier]['p50_ms']} ms "
-              f"({to_baseline}x)")  # fmt: skip
+              f"({to_baseline}x); plain multiprocessing (small process) p50 "
+              f"{small[tier]['p50_ms']} ms "
+              f"({report['ratio_p50_to_multiprocessing_small'][tier]}x)")  # fmt: skip
     for rate in rates:
         print(f"concurrency {rate['concurrency']}: {rate['per_second']} evaluations/s")
     for row in workers:

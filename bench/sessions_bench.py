@@ -329,14 +329,21 @@ def bench(sessions: int, steps: int, transport: str = "ws", mix: str = "mixed") 
     return result
 
 
-def run(ws: list[int], http: list[int], steps: int, mix: str = "mixed") -> dict:
-    """Every requested run, written to ``bench/results/sessions.json``."""
+TESTS_HALF_STEPS = 10  # issue 10's load: 10 steps per session, half of them RUN_TESTS
+
+
+def run(ws: list[int], http: list[int], steps: int, mix: str = "mixed",
+        tests_half: list[int] = ()) -> dict:  # fmt: skip
+    """Every requested run, written to ``bench/results/sessions.json``; ``tests_half`` are
+    extra WebSocket runs of ``TESTS_HALF_STEPS`` steps in the ``tests-half`` mix."""
+    plans = [("ws", n, steps, mix) for n in ws] + [("http", n, steps, mix) for n in http]
+    plans += [("ws", n, TESTS_HALF_STEPS, "tests-half") for n in tests_half]
     runs = []
-    for transport, counts in (("ws", ws), ("http", http)):
-        for sessions in counts:
-            print(f"sessions: {sessions} over {transport}...", file=sys.stderr, flush=True)
-            runs.append(bench(sessions, steps, transport, mix))
-            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    for transport, sessions, length, kind in plans:
+        print(f"sessions: {sessions} over {transport} ({kind}, {length} steps)...",
+              file=sys.stderr, flush=True)  # fmt: skip
+        runs.append(bench(sessions, length, transport, kind))
+        print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     return write_result("sessions", {"steps_per_session": steps, "runs": runs})
 
 
@@ -348,8 +355,11 @@ def main() -> None:
                         help="HTTP episode counts")  # fmt: skip
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--mix", choices=MIXES, default="mixed")
+    parser.add_argument("--tests-half", type=int, nargs="*", default=[],
+                        help=f"WebSocket session counts for {TESTS_HALF_STEPS}-step runs in the "
+                             "tests-half mix, after the others")  # fmt: skip
     args = parser.parse_args()
-    run(args.sessions, args.http, args.steps, args.mix)
+    run(args.sessions, args.http, args.steps, args.mix, args.tests_half)
 
 
 if __name__ == "__main__":

@@ -199,9 +199,6 @@ class _Run:
     duration_ms: float
 
 
-CHILD_CPU: list = []
-
-
 class _Worker:
     """One zygote process: its control socket and its current waiting child."""
 
@@ -266,8 +263,6 @@ class _Worker:
         """This worker's waiting child (reading past the previous child's ``ended``)."""
         while self.child is None:
             message, fds = self._receive(deadline)
-            if "ended" in message:
-                CHILD_CPU.append(message["cpu_s"])
             if "ready" in message and len(fds) == 3:
                 self.child = _Child(message["ready"], *fds)
                 self.ending = False
