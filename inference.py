@@ -142,10 +142,19 @@ def parse_action(text: str | None) -> TraceFixAction:
     raise ParseError(f"no JSON action in reply: {one_line(text)[:120]}")
 
 
+LINE_FIELDS = ("start_line", "end_line")
+
+
 def action_from_dict(data: dict[str, Any]) -> TraceFixAction:
+    """A valid action from a model's JSON object. Models often write line numbers as strings
+    (``"5"``), which the server's strict JSON-integer fields refuse, so they are converted."""
     kept = {k: v for k, v in data.items() if k in _FIELDS}
     if isinstance(kept.get("action_type"), str):
         kept["action_type"] = kept["action_type"].strip().upper()
+    for name in LINE_FIELDS:
+        value = kept.get(name)
+        if isinstance(value, str) and value.strip().isdigit():
+            kept[name] = int(value.strip())
     try:
         return TraceFixAction(**kept)
     except ValidationError as exc:

@@ -127,8 +127,9 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
     soak = data.get("soak")
     if soak:
         rows.append((
-            f"{soak['episodes']:,}-episode WS soak: flat RSS, 0 errors, 0 orphans, 0 leftover "
-            "directories",
+            f"{soak['episodes']:,}-episode WS soak: flat RSS (≤ {soak_flat_growth(soak)} MiB after "
+            f"warm-up, ≤ {soak_flat_slope(soak)} MiB per 1,000 episodes), 0 errors, 0 orphans, "
+            "0 leftover directories",
             f"{soak['errors']} errors; RSS +{soak['rss_growth_after_warm_up_mib']} MiB after "
             f"warm-up ({soak['rss_slope_mib_per_1000_episodes']} MiB per 1,000 episodes); "
             f"{soak['orphans']} orphans; {soak['leftover_entries']} leftover entries",
@@ -153,6 +154,14 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
             _yes(gen["generation_and_validation_s"] <= gen["target_s"]),
         ))  # fmt: skip
     return rows
+
+
+def soak_flat_growth(soak: dict[str, Any]) -> float:
+    return soak.get("flat_growth_mib", 16.0)
+
+
+def soak_flat_slope(soak: dict[str, Any]) -> float:
+    return soak.get("flat_slope_mib_per_1000", 2.0)
 
 
 def table(header: list[str], rows: list[list[Any]]) -> str:

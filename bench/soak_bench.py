@@ -54,8 +54,13 @@ EPISODES_PER_SESSION = 10
 HOSTILE_EVERY = 10
 SAMPLE_EVERY = 250
 WARM_UP_SHARE = 0.1
-FLAT_GROWTH_MIB = 16.0  # "flat": at most this much RSS growth after warm-up...
-FLAT_SLOPE_MIB_PER_1000 = 2.0  # ...and at most this slope per 1,000 episodes
+# "Flat": at most this much RSS growth after warm-up, and at most this slope. The server's
+# RSS rises over the first few thousand episodes and levels off (in one 20,000-episode run:
+# 0.3 MiB per 1,000 episodes overall, 0.2 at the end), while tracemalloc saw its Python
+# objects grow by 28 KB per 2,000 episodes: the rest is allocator state, not a leak of
+# objects (glibc's malloc_trim every 2 s and PYTHONMALLOC=malloc did not remove it).
+FLAT_GROWTH_MIB = 16.0
+FLAT_SLOPE_MIB_PER_1000 = 2.0
 SERVER_ENV = {  # short limits so that killed children are common, not slow
     "SANDBOX_WALL_TIMEOUT_S": "1",
     "SANDBOX_TEST_TIMEOUT_S": "0.25",
@@ -278,6 +283,8 @@ def soak(episodes: int = EPISODES, concurrency: int = CONCURRENCY) -> dict[str, 
         "rss_growth_after_warm_up_mib": growth,
         "rss_slope_mib_per_1000_episodes": slope,
         "rss_flat": growth <= FLAT_GROWTH_MIB and slope <= FLAT_SLOPE_MIB_PER_1000,
+        "flat_growth_mib": FLAT_GROWTH_MIB,
+        "flat_slope_mib_per_1000": FLAT_SLOPE_MIB_PER_1000,
         "orphans": after["orphans"],
         "leftover_entries": after["leftover_entries"],
         "sandbox_faults": health["sandbox"]["faults"],

@@ -198,6 +198,9 @@ def test_parse_action_variants():
     action = inference.parse_action(nested)
     assert action.new_code_block == "y = {1: 2}" and action.start_line == 2
     assert inference.parse_action("I will SUBMIT now").action_type == "SUBMIT"
+    quoted = inference.parse_action('{"action_type": "VIEW_CODE", "start_line": "3", '
+                                    '"end_line": " 9 "}')  # fmt: skip
+    assert (quoted.start_line, quoted.end_line) == (3, 9)  # the server wants JSON integers
     for bad in ("", "no idea", '{"action_type": "FLY"}', '{"action_type": "VIEW_CODE", '
                 '"start_line": "x"}'):  # fmt: skip
         with pytest.raises(inference.ParseError):
