@@ -91,10 +91,15 @@ def rss_mib(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
+    """Every child of ``pid``, whichever of its threads started it (each thread has its own
+    ``children`` file: the sandbox's supervisor thread starts replacement workers)."""
+    found = []
     try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        for task in os.listdir(f"/proc/{pid}/task"):
+            found += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
     except OSError:
-        return []
+        pass
+    return [int(p) for p in found]
 
 
 def is_zombie(pid: int) -> bool:

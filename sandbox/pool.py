@@ -592,6 +592,8 @@ class ZygotePool:
             missing = self.size - len(self._workers)
         for worker in graveyard:  # only this thread waits on pidfds, so only it closes them
             worker.close_pidfd()
+        if os.getpid() == 1:
+            self._reap_orphans()
         fds = [self._wake_r, *watched]
         ready = select.select(fds, [], [], 0 if missing else SUPERVISE_POLL_S)[0]
         if self._wake_r in ready:
@@ -634,6 +636,23 @@ class ZygotePool:
             worker.close_pidfd()
             remove_tree(self.root)
         return closed
+
+    def _reap_orphans(self) -> None:
+        """As PID 1 (a container without an init), orphans are re-parented to this server:
+        reap those that exited (the children of a worker that died), never a worker."""
+        with self._lock:
+            ours = {w.proc.pid for w in self._workers}
+            if self._launching is not None:
+                ours.add(self._launching.proc.pid)
+        while True:
+            try:
+                found = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return
+            if found is None or found.si_pid in ours:
+                return  # nothing exited, or a worker did (the supervisor handles that)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(found.si_pid, os.WNOHANG)
 
     def _take_idle(self, deadline: float, cancel: threading.Event | None) -> _Worker:
         """An idle worker; waits (holding a slot, so one is owed to us) for a replacement."""

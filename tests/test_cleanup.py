@@ -16,7 +16,11 @@ import httpx
 import pytest
 
 from sandbox.cleanup import remove_tree
-from tests.conftest import ServerProcess
+from tests.conftest import REPO, ServerProcess
+
+sys.path.insert(0, str(REPO / "bench"))
+
+import soak_bench  # noqa: E402
 
 DEPTH = 20_000  # far past Python's recursion limit and PATH_MAX
 
@@ -142,8 +146,7 @@ def test_an_unusable_sandbox_root_falls_back(tmp_path):
 
 
 def workers_of(server: ServerProcess) -> list[int]:
-    pid = server.proc.pid
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    return soak_bench.children(server.proc.pid)
 
 
 def test_health_is_truthful_while_workers_are_replaced():
@@ -173,3 +176,50 @@ def test_health_is_truthful_while_workers_are_replaced():
         assert run.status_code == 200 and run.json()["observation"]["tests_total"] == 4
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/unshare").exists(),
+                    reason="a PID namespace needs root and unshare")  # fmt: skip
+def test_as_pid_1_the_server_reaps_the_orphans_of_a_dead_worker():
+    """In a container without an init the server is PID 1: the children of a worker that
+    dies become its children, and must not stay behind as zombies."""
+    server = ServerProcess(
+        extra_env={"SANDBOX_WORKERS": "2"},
+        argv=["/usr/bin/unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
+              "server.app"],
+    )  # fmt: skip
+    try:
+        (inner,) = children(server.proc.pid)  # unshare's child: PID 1 in its namespace
+        workers = children(inner)
+        assert len(workers) == 2
+        (waiting,) = children(workers[0])
+        os.kill(workers[0], signal.SIGKILL)  # its waiting child dies too (parent-death signal)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{workers[0]}").exists():  # the supervisor reaps the worker
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        while Path(f"/proc/{waiting}").exists():  # re-parented to PID 1, then reaped by it
+            assert time.monotonic() < deadline, (waiting, zombies_of(inner))
+            time.sleep(0.05)
+        assert zombies_of(inner) == []
+        while len(children(inner)) < 2:  # and the dead worker was replaced
+            assert time.monotonic() < deadline, children(inner)
+            time.sleep(0.05)
+        assert httpx.get(f"{server.url}/health", timeout=10).status_code in (200, 503)
+    finally:
+        server.stop()
+
+
+def children(pid: int) -> list[int]:
+    return soak_bench.children(pid)
+
+
+def zombies_of(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        try:
+            if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                found.append(child)
+        except OSError:
+            pass
+    return found

@@ -46,8 +46,11 @@ def memory_holds(pid: int, needles: list[bytes]) -> set[bytes]:
 
 
 def children_of(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()]
+    """Children started by any of ``pid``'s threads (each has its own ``children`` file)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
+    return [int(p) for p in found]
 
 
 def test_no_worker_or_waiting_child_holds_anything_of_past_evaluations(tmp_path):
@@ -66,12 +69,12 @@ def test_no_worker_or_waiting_child_holds_anything_of_past_evaluations(tmp_path)
             result = pool.run(EvalRequest(code=code, tests=tests, labels=(marks["label"],) * 2))
             assert result.records[0]["v"] == marks["result"] + "1"
         needles = [mark.encode() for mark in marks.values()]
-        workers = [w.proc.pid for w in pool._workers]
-        assert len(workers) == 2
-        for worker in workers:
-            waiting = children_of(worker)
-            assert len(waiting) == 1  # the child pre-forked for the next request
-            for pid in (worker, *waiting):
+        assert len(pool._workers) == 2
+        for worker in pool._workers:
+            # the child the worker forked for the next request, once it has been handed over
+            waiting = worker.ready_child(time.monotonic() + 5).pid
+            assert children_of(worker.proc.pid) == [waiting]
+            for pid in (worker.proc.pid, waiting):
                 assert memory_holds(pid, needles) == set(), pid
     finally:
         pool.close()

@@ -138,8 +138,10 @@ def test_sigterm_under_load_closes_everything_within_the_budget(tmp_path):
         def sandbox() -> dict[str, Any]:
             return http.get("/health").json()["sandbox"]
 
+        # at least: the quick episode reaches max_steps after 50 VIEW_CODEs, and its final
+        # grading queues too
         busy = WS_SESSIONS + HTTP_SLOW_EPISODES
-        eventually(lambda: (s := sandbox())["in_flight"] + s["queued"] == busy, "a busy sandbox")
+        eventually(lambda: (s := sandbox())["in_flight"] + s["queued"] >= busy, "a busy sandbox")
         assert sandbox()["in_flight"] == WORKERS
         before = descendants(proc.proc.pid)
         assert len(before) >= WORKERS
