@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import random
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -67,9 +68,9 @@ DEFAULT_MAX_STEPS = 50
 MAX_FILE_LINES = 400
 MAX_FILE_CHARS = 20_000
 UNDO_DEPTH = 50
-# Characters of code the undo history may hold (10 files at the size cap): bounds an
-# episode's memory, since a server keeps hundreds of them; the oldest levels go first.
-UNDO_MAX_CHARS = 10 * 20_000
+# Bytes of memory the undo history may hold (about ten ASCII files at the size cap): bounds
+# an episode's memory, since a server keeps hundreds of them; the oldest levels go first.
+UNDO_MAX_BYTES = 256 * 1024
 CONTEXT_RADIUS = 6
 CONTEXT_CHARS = 4000
 OUTPUT_CHARS = 2000
@@ -527,9 +528,9 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
     def _push_history(self) -> None:
         self._history.append("".join(line + "\n" for line in self._lines))
         del self._history[:-UNDO_DEPTH]
-        total = sum(map(len, self._history))
-        while total > UNDO_MAX_CHARS and len(self._history) > 1:
-            total -= len(self._history.pop(0))
+        total = sum(map(sys.getsizeof, self._history))
+        while total > UNDO_MAX_BYTES and len(self._history) > 1:
+            total -= sys.getsizeof(self._history.pop(0))
 
     def _window_around(self, line: int) -> tuple[int, int, int | None]:
         return (line - CONTEXT_RADIUS, line + CONTEXT_RADIUS, line)

@@ -195,7 +195,9 @@ def test_syntax_error_is_flagged_and_graded_as_failure(env):
 
 
 def test_undo_history_is_bounded_in_size(env):
-    from environment import UNDO_DEPTH, UNDO_MAX_CHARS
+    import sys
+
+    from environment import UNDO_DEPTH, UNDO_MAX_BYTES
 
     big = "\n".join(f"x{i} = {'9' * 90}" for i in range(180))  # ~18,000 characters
     versions = []
@@ -204,7 +206,8 @@ def test_undo_history_is_bounded_in_size(env):
                            new_code_block=f"# version {n}\n" + big))  # fmt: skip
         assert obs.last_action_error is None
         versions.append(code_of(obs))
-    assert sum(map(len, env._history)) <= UNDO_MAX_CHARS and len(env._history) <= UNDO_DEPTH
+    assert sum(map(sys.getsizeof, env._history)) <= UNDO_MAX_BYTES
+    assert len(env._history) <= UNDO_DEPTH
     kept = len(env._history)
     assert 1 <= kept < 25
     for expected in reversed(versions[-kept - 1 : -1]):
