@@ -195,12 +195,18 @@ def replace_all(world: World, episode: str, code: str) -> dict:
 
 
 def canary_check(world: World) -> None:
-    """Another session keeps working: a fresh correct edit passes every visible test."""
+    """Another session keeps working: a long-lived episode's fresh correct edit passes every
+    visible test, and a new episode is solved."""
     world.canary_edits += 1
     replace_all(world, "canary", CORRECT + f"# edit {world.canary_edits}")
     run = post(world, "/step", {"episode_id": "canary", "action": {"action_type": "RUN_TESTS"}})
     assert run["observation"]["tests_passed"] == VISIBLE, run["observation"]["test_results"]
     assert run["observation"]["episode_id"] == "canary"
+    fresh = f"canary-{world.canary_edits}"
+    post(world, "/reset", {"task_id": TASK, "episode_id": fresh})
+    replace_all(world, fresh, CORRECT)
+    done = post(world, "/step", {"episode_id": fresh, "action": {"action_type": "SUBMIT"}})
+    assert done["done"] is True and done["observation"]["solved"] is True, done["observation"]
 
 
 # -- process bookkeeping ------------------------------------------------------------------------
