@@ -32,10 +32,12 @@ from typing import Any
 from openenv.core.client_types import StepResult
 from openenv.core.env_client import EnvClient
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from models import TraceFixAction, TraceFixObservation, TraceFixState
 
 # The server's close codes (server/ws.py; tests/test_ws.py checks they agree).
+CLOSE_NORMAL = 1000
 CLOSE_TRY_AGAIN = 1013
 CLOSE_IDLE = 4408
 CAPACITY_REACHED = "CAPACITY_REACHED"
@@ -97,6 +99,18 @@ class TraceFixEnv(EnvClient[TraceFixAction, TraceFixObservation, TraceFixState])
 
     # -- transport: the server's refusals and closes as clear exceptions ---------------------
 
+    async def _connect_async(self) -> "TraceFixEnv":
+        """openenv 0.10 silently replaces a socket the server has closed; a session the server
+        *ended* (reaped, refused, shut down) raises instead, once, so the caller knows that
+        its episode is gone. The call after that connects a new session."""
+        ws = self._ws
+        if ws is not None and getattr(ws, "state", State.OPEN) in (State.CLOSING, State.CLOSED):
+            code = getattr(ws, "close_code", None)
+            if code is not None and code != CLOSE_NORMAL:
+                await self._drop_connection()
+                raise closed_error(code, getattr(ws, "close_reason", None) or "")
+        return await super()._connect_async()
+
     async def _send(self, message: dict[str, Any]) -> None:
         try:
             await super()._send(message)
@@ -131,6 +145,7 @@ class TraceFixEnv(EnvClient[TraceFixAction, TraceFixObservation, TraceFixState])
     async def _drop_connection(self) -> None:
         """Forget a connection the server has closed, so the next call opens a new one."""
         ws, self._ws = self._ws, None
+        self._ws_loop = None
         if ws is not None:
             try:
                 await ws.close()

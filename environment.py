@@ -214,6 +214,7 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         task_name: str | None = None,
         max_steps: int | None = None,
         split: str | None = None,
+        index: int | None = None,
         **kwargs: Any,
     ) -> TraceFixObservation:
         """Start an episode; the arguments are those of :class:`models.ResetArgs` (validated
@@ -223,12 +224,12 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         """
         args = ResetArgs(
             seed=seed, episode_id=episode_id, task_id=task_id, difficulty=difficulty,
-            task_name=task_name, max_steps=max_steps, split=split,
+            task_name=task_name, max_steps=max_steps, split=split, index=index,
         )  # fmt: skip
         steps = default_max_steps() if args.max_steps is None else args.max_steps
         task = self.registry.select(
             seed=args.seed, task_id=args.task_id or args.task_name, difficulty=args.difficulty,
-            rng=self._rng, split=args.split,
+            rng=self._rng, split=args.split, index=args.index,
         )  # fmt: skip
         self._task = task
         self._lines = task.buggy_code.rstrip("\n").split("\n")
@@ -319,6 +320,31 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
         """Release the episode: the evaluation in flight is cancelled, later ones refused."""
         self._closed = True
         self.cancel()
+
+    # -- OpenEnv's Task API (GET /tracefix_rl/splits, POST /tracefix_rl/tasks, ...) ---------
+
+    def list_splits(self) -> list[dict[str, str]]:
+        """The splits: ``train``, and ``eval`` (programs held out of training)."""
+        return [{"name": "train", "type": "train"}, {"name": "eval", "type": "test"}]
+
+    def list_tasks(self, split: str) -> list[dict[str, object]]:
+        """Every task of ``split``; ``reset(split=..., index=...)`` plays the one at ``index``."""
+        return self.registry.task_specs(split)
+
+    def num_tasks(self, split: str) -> int:
+        return len(self.registry.task_specs(split))
+
+    def get_task(self, split: str, index: int) -> dict[str, object]:
+        """The task at ``index`` of ``split``; ``IndexError`` (HTTP 400) outside it."""
+        found = self.registry.task_specs(split, index, index + 1) if index >= 0 else []
+        if not found:
+            raise IndexError(f"no task {index} in split {split!r}")
+        return found[0]
+
+    def get_task_range(
+        self, split: str, start: int | None, stop: int | None
+    ) -> list[dict[str, object]]:
+        return self.registry.task_specs(split, start, stop)
 
     def get_metadata(self) -> EnvironmentMetadata:
         try:

@@ -284,5 +284,11 @@ class ResetArgs(BaseModel):
         le=MAX_STEPS_LIMIT,
         description="Episode length for this episode (default: MAX_STEPS).",
     )
+    index: StrictInt | None = Field(
+        default=None,
+        ge=0,
+        description="Play the task at this index of the split (OpenEnv's Task API order: "
+        "POST /tracefix_rl/tasks), among the tasks of `difficulty` if given.",
+    )
 
-    _json_integers = field_validator("seed", "max_steps", mode="before")(json_integer)
+    _json_integers = field_validator("seed", "max_steps", "index", mode="before")(json_integer)

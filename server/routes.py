@@ -117,12 +117,13 @@ class EpisodeStepRequest(BaseModel):
 
 
 def _without_envelope_fields(schema: dict[str, Any]) -> None:
-    for name in ("reward", "done", "metadata"):
+    for name in ("reward", "done"):
         schema.get("properties", {}).pop(name, None)
 
 
 class WireObservation(TraceFixObservation):
-    """The observation as sent: ``reward`` and ``done`` travel in the envelope."""
+    """The observation as sent: ``reward`` and ``done`` travel in the envelope (openenv
+    0.10 keeps ``metadata`` in it and repeats it in the envelope when it is not empty)."""
 
     model_config = ConfigDict(
         title="TraceFixObservation", json_schema_extra=_without_envelope_fields
@@ -135,6 +136,9 @@ class ObservationResponse(BaseModel):
     observation: WireObservation
     reward: float | None = None
     done: bool = False
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="The observation's metadata, when it has any."
+    )
 
 
 class HealthReport(BaseModel):
@@ -178,6 +182,19 @@ def remove_routes(app: FastAPI, paths: set[str]) -> None:
     app.router.routes[:] = [
         r for r in app.router.routes if not (isinstance(r, APIRoute) and r.path in paths)
     ]
+
+
+TASK_API_TAG = "Task API"
+
+
+def document_task_api(app: FastAPI) -> None:
+    """openenv 0.10's Task API routes (``/list_environments``, ``/tracefix_rl/splits``,
+    ``/tracefix_rl/tasks``, ...) stay openenv's; their errors go into the schema: 404 for
+    another environment's name, 400 for an index outside the split, 422 for a bad body."""
+    for route in app.router.routes:
+        if isinstance(route, APIRoute) and TASK_API_TAG in (route.tags or []):
+            statuses = (400, 404, 422) if "{env_name}" in route.path else ()
+            route.responses = {**route.responses, **documented(*statuses)}
 
 
 def _openenv_endpoint(app: FastAPI, path: str) -> Callable[[Request], Awaitable[Any]]:
@@ -239,6 +256,7 @@ def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
     """Replace openenv's stateless HTTP routes with stateful ones and add the info routes."""
     openenv_mcp = _openenv_endpoint(app, "/mcp")
     remove_routes(app, REPLACED_ROUTES)
+    document_task_api(app)
     # One thread per HTTP episode slot: a step waiting for the sandbox must not hold up
     # VIEW or REPLACE of other episodes (Starlette's shared thread pool has 40 threads).
     http_threads = ThreadPoolExecutor(max_workers=episodes.capacity,

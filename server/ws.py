@@ -187,7 +187,7 @@ def validation_frame(exc: ValidationError, what: str) -> str:
 
 
 def mcp_reply(payload: dict[str, Any], session_id: str) -> dict[str, Any]:
-    """What openenv 0.3's ``mcp_handler`` answers over ``/ws`` for an environment without MCP
+    """What openenv 0.10's ``mcp_handler`` answers over ``/ws`` for an environment without MCP
     tools (tracefix_rl has none). ``openenv/session/close`` of another id answers "Unknown
     session_id", as openenv does for any id not opened over HTTP ``/mcp``."""
     try:
@@ -219,6 +219,10 @@ def mcp_reply(payload: dict[str, Any], session_id: str) -> dict[str, Any]:
                 f"Unknown session_id: {target}",
                 request_id=request_id,
             )
+    elif method == McpMethod.TOOLS_CALL and not params.get("name"):
+        response = JsonRpcResponse.error_response(
+            JsonRpcErrorCode.INVALID_PARAMS, "Missing 'name' in params", request_id=request_id
+        )
     elif method in (McpMethod.TOOLS_LIST, McpMethod.TOOLS_CALL):
         response = JsonRpcResponse.error_response(
             JsonRpcErrorCode.INTERNAL_ERROR,

@@ -65,8 +65,10 @@ class TaskRegistry:
         difficulty: str | None = None,
         rng: random.Random | None = None,
         split: str | None = None,
+        index: int | None = None,
     ) -> Task:
-        """Pick a task: by id, else deterministically from ``seed`` among the filtered ids."""
+        """Pick a task: by id; else the ``index``-th of the filtered ids (in ``ids`` order, as
+        the Task API lists them); else deterministically from ``seed`` among them."""
         if difficulty is not None and difficulty not in DIFFICULTIES:
             raise TaskSelectionError(
                 f"unknown difficulty {difficulty!r}; use one of {', '.join(DIFFICULTIES)}"
@@ -85,8 +87,34 @@ class TaskRegistry:
             raise TaskSelectionError(
                 f"no tasks with difficulty {difficulty!r} and split {split!r} are loaded"
             )
+        if index is not None:
+            if not 0 <= index < len(candidates):
+                raise TaskSelectionError(
+                    f"index {index} is outside 0..{len(candidates) - 1} (the tasks of "
+                    f"split {split!r} and difficulty {difficulty!r})"
+                )
+            return self.tasks[candidates[index]]
         chooser = random.Random(seed) if seed is not None else (rng or random.Random())
         return self.tasks[chooser.choice(candidates)]
+
+    # -- OpenEnv's Task API (discovery; an episode picks one with reset(split=, index=)) ---
+
+    def task_specs(self, split: str, start: int | None = None,
+                   stop: int | None = None) -> list[dict[str, object]]:  # fmt: skip
+        """Specs of the tasks of ``split`` in ``ids`` order, ``start``..``stop`` like a slice
+        of non-negative bounds (an unknown split has none)."""
+        ids = self.ids(split=split) if split in SPLITS else []
+        first = 0 if start is None else start
+        last = len(ids) if stop is None else min(stop, len(ids))
+        if first < 0 or last < 0:
+            raise IndexError("task indices are non-negative")
+        return [self.task_spec(ids[i], split, i) for i in range(first, max(first, last))]
+
+    def task_spec(self, task_id: str, split: str, index: int) -> dict[str, object]:
+        task = self.tasks[task_id]
+        return {"id": task.task_id, "index": index, "split": split,
+                "difficulty": task.difficulty, "source": task.source,
+                "bug_type": task.bug_type, "description": task.description}  # fmt: skip
 
     def programs(self) -> dict[str, Task]:
         """One reference task per program (the first by id among non-generated tasks)."""

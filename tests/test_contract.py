@@ -66,6 +66,13 @@ def test_openapi_documents_every_status(server):
         ("/schema", "get"): {"200", "413", "503"},
         ("/metadata", "get"): {"200", "413", "503"},
         ("/mcp", "post"): {"200", "413", "503"},
+        # openenv 0.10's Task API
+        ("/list_environments", "get"): {"200", "413", "503"},
+        ("/{env_name}/splits", "get"): {"200", "400", "404", "413", "422", "503"},
+        ("/{env_name}/tasks", "post"): {"200", "400", "404", "413", "422", "503"},
+        ("/{env_name}/num_tasks", "post"): {"200", "400", "404", "413", "422", "503"},
+        ("/{env_name}/task", "post"): {"200", "400", "404", "413", "422", "503"},
+        ("/{env_name}/task_range", "post"): {"200", "400", "404", "413", "422", "503"},
     }
     reset = schema["paths"]["/reset"]["post"]["responses"]
     assert reset["503"]["headers"]["Retry-After"]["schema"] == {"type": "integer", "minimum": 1}

@@ -73,7 +73,8 @@ def test_pyproject_lists_every_module_and_the_server_script():
     top_level = {p.stem for p in REPO.glob("*.py")}
     assert top_level <= modules, f"missing from py-modules: {top_level - modules}"
     deps = " ".join(project["project"]["dependencies"])
-    assert "openenv-core" in deps and "fastmcp>=3,<4" in deps
+    assert "openenv>=0.10,<0.11" in deps and "openenv-core" not in deps
+    assert "fastmcp>=3,<4" in deps
     app = ast.parse((REPO / "server" / "app.py").read_text())
     guard = [n for n in app.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
     assert guard and "main()" in ast.unparse(guard[0].body[0])

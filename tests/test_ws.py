@@ -15,6 +15,7 @@ import pytest
 import websockets
 from fastapi.testclient import TestClient
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 import client
 from client import CapacityError, SessionClosed, SessionExpired, TraceFixEnv
@@ -242,6 +243,8 @@ def test_typed_client_reads_the_capacity_frame():
     """The refusal frame itself (read before the close) raises CapacityError."""
 
     class Connection:
+        state = State.OPEN
+
         def __init__(self, replies: list[dict]) -> None:
             self.replies = [json.dumps(r) for r in replies]
 
@@ -257,13 +260,17 @@ def test_typed_client_reads_the_capacity_frame():
     env = TraceFixEnv(base_url="http://127.0.0.1:9")
     refusal = {"message": "server at capacity: 2 of 2 WebSocket sessions are in use",
                "code": "CAPACITY_REACHED"}  # fmt: skip
-    env._ws = Connection([{"type": "error", "data": refusal}])
+
+    async def reset_over(connection: Connection) -> None:
+        env._ws, env._ws_loop = connection, asyncio.get_running_loop()
+        await env.reset()
+
     with pytest.raises(CapacityError, match="2 of 2"):
-        asyncio.run(env.reset())
+        asyncio.run(reset_over(Connection([{"type": "error", "data": refusal}])))
     assert env._ws is None  # the next call connects anew
-    env._ws = Connection([{"type": "error", "data": {"message": "x", "code": "INVALID_JSON"}}])
+    invalid = Connection([{"type": "error", "data": {"message": "x", "code": "INVALID_JSON"}}])
     with pytest.raises(RuntimeError, match="INVALID_JSON") as other:
-        asyncio.run(env.reset())
+        asyncio.run(reset_over(invalid))
     assert not isinstance(other.value, SessionClosed)
 
 
