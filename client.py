@@ -1,7 +1,7 @@
 """Typed client for tracefix_rl over WebSocket (openenv's ``EnvClient``).
 
-    from client import TraceFixEnv
-    from models import TraceFixAction
+    from tracefix_rl.client import TraceFixEnv
+    from tracefix_rl.models import TraceFixAction
 
     with TraceFixEnv(base_url="http://127.0.0.1:8000").sync() as env:
         result = env.reset(seed=7, difficulty="easy")
@@ -23,7 +23,7 @@ The dead connection is dropped, so the next call connects a new session (reset f
 Other error frames raise ``RuntimeError`` as in openenv.
 """
 
-import models  # noqa: F401  (first: keeps gradio out of client processes)
+from tracefix_rl import models  # noqa: F401  (first: keeps gradio out of client processes)
 
 # isort: split
 
@@ -34,7 +34,7 @@ from openenv.core.env_client import EnvClient
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from models import TraceFixAction, TraceFixObservation, TraceFixState
+from tracefix_rl.models import TraceFixAction, TraceFixObservation, TraceFixState
 
 # The server's close codes (server/ws.py; tests/test_ws.py checks they agree).
 CLOSE_NORMAL = 1000

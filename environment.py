@@ -16,7 +16,7 @@ score_buggy) + SOLVE_BONUS*solved - costs``: leaving the code as it was returns 
 and the shortest correct fix has the highest return.
 """
 
-import models  # noqa: F401  (first: keeps gradio out unless the web UI is on)
+from tracefix_rl import models  # noqa: F401  (first: keeps gradio out unless the web UI is on)
 
 # isort: split
 
@@ -35,15 +35,15 @@ from typing import Any
 from openenv.core.env_server.interfaces import Environment
 from openenv.core.env_server.types import EnvironmentMetadata
 
-from judge import TestVerdict, Verdict, judge
-from models import (
+from tracefix_rl.judge import TestVerdict, Verdict, judge
+from tracefix_rl.models import (
     ResetArgs,
     TestResult,
     TraceFixAction,
     TraceFixObservation,
     TraceFixState,
 )
-from sandbox import (
+from tracefix_rl.sandbox import (
     EvalResult,
     EvaluationCancelled,
     SandboxBackend,
@@ -51,7 +51,7 @@ from sandbox import (
     SandboxFailure,
     get_sandbox,
 )
-from tasks import Task, TaskRegistry, TaskTest, evaluate, get_registry
+from tracefix_rl.tasks import Task, TaskRegistry, TaskTest, evaluate, get_registry
 
 log = logging.getLogger("tracefix_rl.environment")
 

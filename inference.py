@@ -17,7 +17,7 @@ this Docker image). When no server answers at ``ENV_URL`` and no image is given,
 server is started on a free port and stopped at the end.
 """
 
-import models  # noqa: F401  (first: keeps gradio out of this process)
+from tracefix_rl import models  # noqa: F401  (first: keeps gradio out of this process)
 
 # isort: split
 
@@ -41,8 +41,9 @@ import openai
 import yaml
 from pydantic import ValidationError
 
-from client import TraceFixEnv
-from models import ACTION_TYPES, TraceFixAction, TraceFixObservation
+from tracefix_rl.client import TraceFixEnv
+from tracefix_rl.models import ACTION_TYPES, TraceFixAction, TraceFixObservation
+from tracefix_rl.server import SERVER_MODULE
 
 REPO = Path(__file__).resolve().parent
 BENCHMARK = "tracefix_rl"
@@ -303,7 +304,7 @@ class Environment:
         log(f"no server at ENV_URL; starting one at {self.url} (log: {log_file})")
         with os.fdopen(handle_fd, "wb") as handle:
             self._server = subprocess.Popen(
-                [sys.executable, "-m", "server.app", "--host", "127.0.0.1", "--port", str(port)],
+                [sys.executable, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(port)],
                 cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "LOG_LEVEL": "WARNING"},
             )  # fmt: skip

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sandbox import EvalResult, TestTimeout
+from tracefix_rl.sandbox import EvalResult, TestTimeout
 
 FLOAT_REL_TOL = 1e-9
 FLOAT_ABS_TOL = 1e-12

@@ -2,7 +2,8 @@
 
     uv run python bench/coldstart_bench.py [--runs 5]
 
-Starts ``python -m server.app`` (the venv's interpreter, as the Dockerfile does) ``--runs``
+Starts ``python -m tracefix_rl.server.app`` (the venv's interpreter, as the Docker image
+does) ``--runs``
 times, polls ``POST /reset {}`` every 10 ms from the moment the process is spawned, and
 reports the median and worst time to the first 200 beside a bare ``python -c pass`` start in
 the same run. Writes ``bench/results/coldstart.json``.
@@ -21,6 +22,8 @@ import time
 import httpx
 from common import REPO, free_port, stop_process, write_result
 
+from tracefix_rl.server import SERVER_MODULE
+
 POLL_S = 0.01
 DEADLINE_S = 60.0
 
@@ -31,7 +34,7 @@ def first_reset_s(extra_env: dict[str, str] | None = None) -> float:
     env = {**os.environ, "LOG_LEVEL": "WARNING", **(extra_env or {})}
     started = time.perf_counter()
     server = subprocess.Popen(
-        [sys.executable, "-m", "server.app", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,
     )  # fmt: skip
@@ -74,7 +77,7 @@ def run(runs: int) -> dict:
         server.append(first_reset_s())
         print(f"cold start {index + 1}/{runs}: {server[-1]:.2f} s", file=sys.stderr, flush=True)
     report = {
-        "command": "python -m server.app",
+        "command": "python -m tracefix_rl.server.app",
         "first_reset_200": summarize(server),
         "bare_python_start": summarize(bare),
         "target_s": 2.0,

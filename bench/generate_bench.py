@@ -14,13 +14,13 @@ import time
 
 from common import write_result
 
-import models  # noqa: F401  (before openenv: keeps gradio out)
+from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
 # isort: split
 
-from sandbox import get_sandbox
-from tasks import load_registry
-from tasks.generate import DEFAULT_PER_PROGRAM, DEFAULT_SEED, generate
+from tracefix_rl.sandbox import get_sandbox
+from tracefix_rl.tasks import load_registry
+from tracefix_rl.tasks.generate import DEFAULT_PER_PROGRAM, DEFAULT_SEED, generate
 
 
 def run() -> dict:

@@ -22,14 +22,14 @@ from pathlib import Path
 
 from common import REPO, write_result
 
-import models  # noqa: F401  (before openenv: keeps gradio out)
+from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
 # isort: split
 
-from environment import TraceFixEnvironment
-from models import TraceFixAction
-from sandbox import EvalRequest, ZygotePool, get_sandbox
-from tasks import get_registry
+from tracefix_rl.environment import TraceFixEnvironment
+from tracefix_rl.models import TraceFixAction
+from tracefix_rl.sandbox import EvalRequest, ZygotePool, get_sandbox
+from tracefix_rl.tasks import get_registry
 
 TIER_TASKS = {
     "easy": "sum_of_evens_wrong_modulus",

@@ -33,12 +33,13 @@ from typing import Any
 import httpx
 from common import REPO, free_port, stop_process, write_result
 
-import models  # noqa: F401  (before openenv: keeps gradio out)
+from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
 # isort: split
 
-from client import TraceFixEnv
-from models import TraceFixAction
+from tracefix_rl.client import TraceFixEnv
+from tracefix_rl.models import TraceFixAction
+from tracefix_rl.server import SERVER_MODULE
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 STEP_TIMEOUT_S = 600.0
@@ -311,7 +312,7 @@ def bench(sessions: int, steps: int, transport: str = "ws", mix: str = "mixed") 
            "HTTP_MAX_EPISODES": str(sessions + 8), "LOG_LEVEL": "WARNING",
            "SANDBOX_QUEUE_TIMEOUT_S": str(STEP_TIMEOUT_S)}  # fmt: skip
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen([sys.executable, "-m", "server.app", "--host", "127.0.0.1",
+        server = subprocess.Popen([sys.executable, "-m", SERVER_MODULE, "--host", "127.0.0.1",
                                    "--port", str(port)], cwd=REPO, env=env,
                                   stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)  # fmt: skip

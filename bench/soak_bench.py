@@ -38,14 +38,15 @@ from typing import Any
 
 from common import REPO, free_port, stop_process, write_result
 
-import models  # noqa: F401  (before openenv: keeps gradio out)
+from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
 # isort: split
 
 import httpx
 
-from client import TraceFixEnv
-from models import TraceFixAction
+from tracefix_rl.client import TraceFixEnv
+from tracefix_rl.models import TraceFixAction
+from tracefix_rl.server import SERVER_MODULE
 
 EPISODES = 6000
 QUICK_EPISODES = 300
@@ -240,7 +241,7 @@ def soak(episodes: int = EPISODES, concurrency: int = CONCURRENCY) -> dict[str, 
     handle, log_path = tempfile.mkstemp(prefix="tracefix-soak-", suffix=".log")
     log_file = os.fdopen(handle, "wb")
     server = subprocess.Popen(
-        [sys.executable, "-m", "server.app", "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

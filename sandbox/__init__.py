@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 
-from sandbox.api import (
+from tracefix_rl.sandbox.api import (
     EvalRequest,
     EvalResult,
     EvaluationCancelled,
@@ -28,8 +28,8 @@ from sandbox.api import (
     SandboxFault,
     SandboxUnavailable,
 )
-from sandbox.harness import TestTimeout, canonical
-from sandbox.pool import FairSlots, ZygotePool
+from tracefix_rl.sandbox.harness import TestTimeout, canonical
+from tracefix_rl.sandbox.pool import FairSlots, ZygotePool
 
 __all__ = [
     "EvalRequest", "EvalResult", "EvaluationCancelled", "FairSlots", "Limits", "SandboxBackend",

@@ -40,8 +40,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from sandbox import layers
-from sandbox.api import (
+from tracefix_rl.sandbox import layers
+from tracefix_rl.sandbox.api import (
     EvalRequest,
     EvalResult,
     EvaluationCancelled,
@@ -50,8 +50,8 @@ from sandbox.api import (
     SandboxFault,
     SandboxUnavailable,
 )
-from sandbox.cleanup import remove_tree
-from sandbox.harness import DONE_LINE, STARTED_LINE
+from tracefix_rl.sandbox.cleanup import remove_tree
+from tracefix_rl.sandbox.harness import DONE_LINE, STARTED_LINE
 
 log = logging.getLogger("tracefix_rl.sandbox")
 

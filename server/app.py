@@ -27,11 +27,11 @@ Modules: ``routes`` (the HTTP routes), ``episodes`` (the HTTP episode store),
 ``ws`` (the WebSocket sessions), ``serve`` (uvicorn and the graceful shutdown).
 """
 
-import sandbox  # light; the package import also defers the MCP runtime (server/startup.py)
+from tracefix_rl import sandbox  # light; tracefix_rl.server already deferred the MCP runtime
 
 sandbox.prewarm()  # the zygote workers boot while openenv and fastapi import below
 
-import models  # noqa: F401  (before openenv: keeps gradio out unless the web UI is on)
+from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out, see models.py)
 
 # isort: split
 
@@ -44,15 +44,15 @@ from fastapi import FastAPI
 from openenv.core.env_server.http_server import create_app
 from openenv.core.env_server.types import ConcurrencyConfig
 
-from environment import TraceFixEnvironment
-from models import TraceFixAction, TraceFixObservation
-from server import serve, startup
-from server.episodes import HttpEpisodes
-from server.loader import TaskLoader
-from server.middleware import BodyLimit, QuietWebSocketClose
-from server.responses import install_error_handlers
-from server.routes import register_http_routes
-from server.ws import WebSocketSessions, register_ws_route
+from tracefix_rl.environment import TraceFixEnvironment
+from tracefix_rl.models import TraceFixAction, TraceFixObservation
+from tracefix_rl.server import serve, startup
+from tracefix_rl.server.episodes import HttpEpisodes
+from tracefix_rl.server.loader import TaskLoader
+from tracefix_rl.server.middleware import BodyLimit, QuietWebSocketClose
+from tracefix_rl.server.responses import install_error_handlers
+from tracefix_rl.server.routes import register_http_routes
+from tracefix_rl.server.ws import WebSocketSessions, register_ws_route
 
 log = logging.getLogger("tracefix_rl.server")
 

@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from environment import TraceFixEnvironment
+from tracefix_rl.environment import TraceFixEnvironment
 
 log = logging.getLogger("tracefix_rl.server")
 

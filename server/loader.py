@@ -6,8 +6,8 @@ import asyncio
 import logging
 import threading
 
-from sandbox import SandboxUnavailable, get_sandbox
-from tasks import get_registry
+from tracefix_rl.sandbox import SandboxUnavailable, get_sandbox
+from tracefix_rl.tasks import get_registry
 
 log = logging.getLogger("tracefix_rl.server")
 

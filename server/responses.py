@@ -38,7 +38,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from models import escape_surrogates
+from tracefix_rl.models import escape_surrogates
 
 log = logging.getLogger("tracefix_rl.server")
 

@@ -36,8 +36,8 @@ from openenv.core.env_server.types import EnvironmentMetadata, SchemaResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import Response
 
-from environment import TraceFixEnvironment
-from models import (
+from tracefix_rl.environment import TraceFixEnvironment
+from tracefix_rl.models import (
     ID_MAX_CHARS,
     Difficulty,
     ResetArgs,
@@ -47,9 +47,9 @@ from models import (
     TraceFixObservation,
     TraceFixState,
 )
-from sandbox import get_sandbox
-from server.episodes import Episode, EpisodeStoreFull, HttpEpisodes, UnknownEpisode
-from server.responses import (
+from tracefix_rl.sandbox import get_sandbox
+from tracefix_rl.server.episodes import Episode, EpisodeStoreFull, HttpEpisodes, UnknownEpisode
+from tracefix_rl.server.responses import (
     RETRY_AFTER_HEADER,
     SHUTTING_DOWN,
     ErrorDetail,
@@ -57,7 +57,7 @@ from server.responses import (
     documented,
     validation_response,
 )
-from tasks import TaskSelectionError, get_registry
+from tracefix_rl.tasks import TaskSelectionError, get_registry
 
 log = logging.getLogger("tracefix_rl.server")
 

@@ -42,7 +42,7 @@ from typing import Any
 
 import uvicorn
 
-from server.ws import WebSocketSessions
+from tracefix_rl.server.ws import WebSocketSessions
 
 log = logging.getLogger("tracefix_rl.server")
 

@@ -83,10 +83,10 @@ from openenv.core.env_server.types import (
 from pydantic import ValidationError
 from starlette.routing import WebSocketRoute
 
-from environment import TraceFixEnvironment
-from models import ResetArgs, TraceFixAction, escape_surrogates, escape_surrogates_in
-from sandbox import get_sandbox
-from tasks import TaskSelectionError, get_registry
+from tracefix_rl.environment import TraceFixEnvironment
+from tracefix_rl.models import ResetArgs, TraceFixAction, escape_surrogates, escape_surrogates_in
+from tracefix_rl.sandbox import get_sandbox
+from tracefix_rl.tasks import TaskSelectionError, get_registry
 
 log = logging.getLogger("tracefix_rl.server.ws")
 

@@ -2,7 +2,7 @@
 
 Sources: built-in curated tasks (``task_data/curated/*.toml``), ``TRACEFIX_TASKS`` packs (a
 ``.jsonl``/``.json``/``.toml`` file or a folder of them), and the generated corpus
-(``task_data/generated/corpus.jsonl``, produced by ``python -m tasks generate``). Every
+(``task_data/generated/corpus.jsonl``, produced by ``python -m tracefix_rl.tasks generate``). Every
 curated or imported task goes through the same checks:
 
 1. schema (pydantic): required fields, difficulty, code and tests that parse;
@@ -13,11 +13,11 @@ curated or imported task goes through the same checks:
 
 A task that fails a check is reported (file, line, reason) and skipped. Generated tasks were
 validated when generated; they are loaded while their program is unchanged.
-Command line: ``python -m tasks list|stats|validate|export|generate``.
+Command line: ``python -m tracefix_rl.tasks list|stats|validate|export|generate``.
 """
 
-from tasks.oracle import evaluate, oracle_check, program_digest
-from tasks.registry import (
+from tracefix_rl.tasks.oracle import evaluate, oracle_check, program_digest
+from tracefix_rl.tasks.registry import (
     SPLITS,
     TaskRegistry,
     TaskSelectionError,
@@ -25,8 +25,8 @@ from tasks.registry import (
     load_registry,
     split_of,
 )
-from tasks.schema import Task, TaskProblem, TaskSpec, TaskTest, parse_task
-from tasks.sources import BUILTIN_DIR, GENERATED_CORPUS, TASKS_ENV
+from tracefix_rl.tasks.schema import Task, TaskProblem, TaskSpec, TaskTest, parse_task
+from tracefix_rl.tasks.sources import BUILTIN_DIR, GENERATED_CORPUS, TASKS_ENV
 
 __all__ = [
     "BUILTIN_DIR", "GENERATED_CORPUS", "SPLITS", "TASKS_ENV", "Task", "TaskProblem",

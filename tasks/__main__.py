@@ -1,6 +1,7 @@
-"""``python -m tasks list|stats|validate|export|generate`` (honours ``TRACEFIX_TASKS``)."""
+"""``python -m tracefix_rl.tasks list|stats|validate|export|generate`` (honours
+``TRACEFIX_TASKS``)."""
 
-import models  # noqa: F401  (first: keeps gradio out)
+from tracefix_rl import models  # noqa: F401  (first: keeps gradio out)
 
 # isort: split
 
@@ -15,18 +16,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sandbox import get_sandbox
-from tasks.generate import (
+from tracefix_rl.sandbox import get_sandbox
+from tracefix_rl.tasks.generate import (
     DEFAULT_PER_PROGRAM,
     DEFAULT_SEED,
     VALIDATION_LIMITS,
     generate,
     write_corpus,
 )
-from tasks.oracle import buggy_verdict, check_buggy
-from tasks.registry import TaskRegistry, load_registry
-from tasks.schema import SOURCE_GENERATED, Task, TaskProblem
-from tasks.sources import GENERATED_CORPUS, TASKS_ENV
+from tracefix_rl.tasks.oracle import buggy_verdict, check_buggy
+from tracefix_rl.tasks.registry import TaskRegistry, load_registry
+from tracefix_rl.tasks.schema import SOURCE_GENERATED, Task, TaskProblem
+from tracefix_rl.tasks.sources import GENERATED_CORPUS, TASKS_ENV
 
 
 def _row(task: Task) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def revalidate_generated(registry: TaskRegistry) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m tracefix_rl.tasks", description=__doc__)
     parser.add_argument("command", choices=["list", "stats", "validate", "export", "generate"])
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--difficulty", help="list/export: only this tier")

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from judge import Verdict
-from sandbox import Limits, SandboxBackend
-from tasks.oracle import buggy_verdict, check_buggy, program_digest
-from tasks.schema import Task
+from tracefix_rl.judge import Verdict
+from tracefix_rl.sandbox import Limits, SandboxBackend
+from tracefix_rl.tasks.oracle import buggy_verdict, check_buggy, program_digest
+from tracefix_rl.tasks.schema import Task
 
 GENERATOR_VERSION = 1
 DEFAULT_SEED = 20261121

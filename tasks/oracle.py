@@ -9,9 +9,9 @@ import threading
 from dataclasses import replace
 from typing import Any
 
-from judge import TIMEOUT_EXCEPTION, Verdict, expected_record, judge, values_equal
-from sandbox import EvalRequest, EvalResult, Limits, SandboxBackend
-from tasks.schema import Task, TaskProblem, TaskTest
+from tracefix_rl.judge import TIMEOUT_EXCEPTION, Verdict, expected_record, judge, values_equal
+from tracefix_rl.sandbox import EvalRequest, EvalResult, Limits, SandboxBackend
+from tracefix_rl.tasks.schema import Task, TaskProblem, TaskTest
 
 FATAL_REFERENCE_ERRORS = (TIMEOUT_EXCEPTION, "MemoryError", "RecursionError")
 

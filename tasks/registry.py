@@ -12,12 +12,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from models import DIFFICULTIES, SPLITS
-from sandbox import SandboxBackend, get_sandbox
-from tasks.generate import read_corpus
-from tasks.oracle import oracle_check, program_digest
-from tasks.schema import SOURCE_GENERATED, Task, TaskProblem, parse_task
-from tasks.sources import BUILTIN_DIR, GENERATED_CORPUS, TASKS_ENV, read_entries, task_files
+from tracefix_rl.models import DIFFICULTIES, SPLITS
+from tracefix_rl.sandbox import SandboxBackend, get_sandbox
+from tracefix_rl.tasks.generate import read_corpus
+from tracefix_rl.tasks.oracle import oracle_check, program_digest
+from tracefix_rl.tasks.schema import SOURCE_GENERATED, Task, TaskProblem, parse_task
+from tracefix_rl.tasks.sources import (
+    BUILTIN_DIR,
+    GENERATED_CORPUS,
+    TASKS_ENV,
+    read_entries,
+    task_files,
+)
 
 log = logging.getLogger("tracefix_rl.tasks")
 
@@ -137,7 +143,7 @@ def load_generated(registry: TaskRegistry, corpus: Path) -> None:
         if program is None or digests[entry["program"]] != entry["program_digest"]:
             why = "unknown program" if program is None else "its program changed"
             registry.problems.append(TaskProblem(
-                origin, f"stale generated task ({why}); run `python -m tasks generate`",
+                origin, f"stale generated task ({why}); run `python -m tracefix_rl.tasks generate`",
                 entry["task_id"], SOURCE_GENERATED,
             ))  # fmt: skip
             continue

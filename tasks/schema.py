@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from models import Difficulty
-from sandbox import canonical
+from tracefix_rl.models import Difficulty
+from tracefix_rl.sandbox import canonical
 
 MAX_CODE_CHARS = 20_000
 TEST_NAME_CHARS = 80

@@ -18,12 +18,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import models  # noqa: E402,F401  (first: keeps gradio out of the test process)
+from tracefix_rl import models  # noqa: E402,F401  (first: keeps gradio out of the test process)
 
 # isort: split
 
-from environment import TraceFixEnvironment  # noqa: E402
-from tasks import TaskRegistry, get_registry  # noqa: E402
+from tracefix_rl.environment import TraceFixEnvironment  # noqa: E402
+from tracefix_rl.server import SERVER_MODULE  # noqa: E402
+from tracefix_rl.tasks import TaskRegistry, get_registry  # noqa: E402
 
 FAKE_SECRET = "hf_FAKE_SECRET_TOKEN_3f9a1c"
 SERVER_START_TIMEOUT_S = 120.0
@@ -49,21 +50,26 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A ``python -m server.app`` subprocess on a free 127.0.0.1 port."""
+    """A ``python -m tracefix_rl.server.app`` subprocess on a free 127.0.0.1 port."""
 
-    def __init__(self, extra_env: dict[str, str] | None = None, argv: list[str] | None = None):
+    def __init__(
+        self,
+        extra_env: dict[str, str] | None = None,
+        argv: list[str] | None = None,
+        cwd: Path = REPO,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "TRACEFIX_FAKE_SECRET": FAKE_SECRET, "LOG_LEVEL": "WARNING"}
         env.pop("ENABLE_WEB_INTERFACE", None)
         env.update(extra_env or {})
-        command = argv or [sys.executable, "-m", "server.app"]
+        command = argv or [sys.executable, "-m", SERVER_MODULE]
         handle, name = tempfile.mkstemp(prefix=f"tracefix-test-server-{self.port}-", suffix=".log")
         self.log_path = Path(name)
         self._log = os.fdopen(handle, "wb")
         self.proc = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=REPO,
+            cwd=cwd,
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

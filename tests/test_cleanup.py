@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from sandbox.cleanup import remove_tree
 from tests.conftest import REPO, ServerProcess
+from tracefix_rl.sandbox.cleanup import remove_tree
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -90,7 +90,7 @@ def test_remove_tree_as_an_unprivileged_owner():
         "import sys; sys.path.insert(0, sys.argv[1])\n"
         "from pathlib import Path\n"
         "from tests.test_cleanup import build_hostile_tree\n"
-        "from sandbox.cleanup import remove_tree\n"
+        "from tracefix_rl.sandbox.cleanup import remove_tree\n"
         "top = Path(sys.argv[2]) / 'tree'\n"
         "build_hostile_tree(top, Path(sys.argv[3]), depth=3000)\n"
         "print(remove_tree(str(top)), top.exists())\n"
@@ -186,7 +186,7 @@ def test_as_pid_1_the_server_reaps_the_orphans_of_a_dead_worker():
     server = ServerProcess(
         extra_env={"SANDBOX_WORKERS": "2"},
         argv=["/usr/bin/unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
-              "server.app"],
+              "tracefix_rl.server.app"],
     )  # fmt: skip
     try:
         (inner,) = children(server.proc.pid)  # unshare's child: PID 1 in its namespace

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from environment import (
+from tracefix_rl.environment import (
     INVALID_ACTION_PENALTY,
     REWARD_RANGE,
     STEP_COST,
     TraceFixEnvironment,
     reindent,
 )
-from models import TraceFixAction
-from tasks import TaskRegistry, TaskSelectionError
+from tracefix_rl.models import TraceFixAction
+from tracefix_rl.tasks import TaskRegistry, TaskSelectionError
 
 TASK = "sum_of_evens_wrong_modulus"
 
@@ -197,7 +197,7 @@ def test_syntax_error_is_flagged_and_graded_as_failure(env):
 def test_undo_history_is_bounded_in_size(env):
     import sys
 
-    from environment import UNDO_DEPTH, UNDO_MAX_BYTES
+    from tracefix_rl.environment import UNDO_DEPTH, UNDO_MAX_BYTES
 
     big = "\n".join(f"x{i} = {'9' * 90}" for i in range(180))  # ~18,000 characters
     versions = []
@@ -411,7 +411,7 @@ def test_repeated_runs_earn_nothing(env):
 def test_busy_sandbox_is_reported_without_penalty(registry: TaskRegistry):
     import threading
 
-    from sandbox import EvalRequest, Limits, ZygotePool
+    from tracefix_rl.sandbox import EvalRequest, Limits, ZygotePool
 
     box = ZygotePool(limits=Limits(wall_s=2.0), workers=1, queue_timeout_s=0.1)
     env = TraceFixEnvironment(registry=registry, sandbox=box)

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from environment import TraceFixEnvironment
-from models import TraceFixAction
-from sandbox import get_sandbox
-from tasks import TaskRegistry, load_registry, split_of
-from tasks.generate import (
+from tests.conftest import REPO
+from tracefix_rl.environment import TraceFixEnvironment
+from tracefix_rl.models import TraceFixAction
+from tracefix_rl.sandbox import get_sandbox
+from tracefix_rl.tasks import TaskRegistry, load_registry, split_of
+from tracefix_rl.tasks.generate import (
     BUG_TYPES,
     _rejection,
     apply,
@@ -28,9 +29,8 @@ from tasks.generate import (
     read_corpus,
     tier_of,
 )
-from tasks.oracle import buggy_verdict
-from tasks.sources import GENERATED_CORPUS
-from tests.conftest import REPO
+from tracefix_rl.tasks.oracle import buggy_verdict
+from tracefix_rl.tasks.sources import GENERATED_CORPUS
 
 SAMPLE = ["lru_cache_get_does_not_promote", "merge_sort_wrong_tail_index",
           "sum_of_evens_wrong_modulus"]  # fmt: skip
@@ -158,8 +158,8 @@ def test_generated_task_is_playable(registry: TaskRegistry):
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tasks", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=600, env=env)  # fmt: skip
+    return subprocess.run([sys.executable, "-m", "tracefix_rl.tasks", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
 
 
 def test_cli_validate_passes_over_the_whole_corpus():

@@ -17,10 +17,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from server.episodes import EpisodeStoreFull, HttpEpisodes, UnknownEpisode
-from server.responses import SafeJSONResponse, echo
-from server.routes import EPISODE_COOKIE, register_http_routes
 from tests.conftest import ServerProcess
+from tracefix_rl.server.episodes import EpisodeStoreFull, HttpEpisodes, UnknownEpisode
+from tracefix_rl.server.responses import SafeJSONResponse, echo
+from tracefix_rl.server.routes import EPISODE_COOKIE, register_http_routes
 
 TASK = "sum_of_evens_wrong_modulus"
 VIEW = {"action_type": "VIEW_CODE"}
@@ -146,7 +146,7 @@ def test_full_store_evicts_finished_then_idle_episodes_else_503_with_retry_after
 
 class FakeEnv:
     def __init__(self, episode_id: str, done: bool = False):
-        from models import TraceFixState
+        from tracefix_rl.models import TraceFixState
 
         self.state = TraceFixState(episode_id=episode_id, done=done)
         self.closed = False
@@ -158,7 +158,7 @@ class FakeEnv:
 def test_http_store_bounds_and_expiry(monkeypatch):
 
     clock = [1e9]
-    monkeypatch.setattr("server.episodes.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("tracefix_rl.server.episodes.time.monotonic", lambda: clock[0])
     store = HttpEpisodes(capacity=2, ttl_s=100, grace_s=50)
     finished, live = FakeEnv("a", done=True), FakeEnv("b")
     store.add(finished)
@@ -179,7 +179,7 @@ def test_http_store_bounds_and_expiry(monkeypatch):
 
 def test_store_unit_order_in_flight_and_expiry(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("server.episodes.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("tracefix_rl.server.episodes.time.monotonic", lambda: clock[0])
     with pytest.raises(ValueError):
         HttpEpisodes(capacity=2, ttl_s=10, grace_s=11)
     store = HttpEpisodes(capacity=2, ttl_s=100, grace_s=10)
@@ -480,8 +480,8 @@ class FakeRegistry:
 
 @pytest.mark.parametrize("problem", [None, "1 of 2 sandbox workers are alive"])
 def test_health_is_503_with_a_reason_when_the_sandbox_is_short(monkeypatch, problem):
-    monkeypatch.setattr("server.routes.get_sandbox", lambda: FakeSandbox(problem))
-    monkeypatch.setattr("server.routes.get_registry", lambda: FakeRegistry())
+    monkeypatch.setattr("tracefix_rl.server.routes.get_sandbox", lambda: FakeSandbox(problem))
+    monkeypatch.setattr("tracefix_rl.server.routes.get_registry", lambda: FakeRegistry())
     app = FastAPI()
     app.post("/mcp")(lambda: {})  # register_http_routes wraps openenv's /mcp
     register_http_routes(app, HttpEpisodes(capacity=1, ttl_s=10, grace_s=1))

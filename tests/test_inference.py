@@ -15,9 +15,9 @@ import httpx
 import pytest
 import yaml
 
-import inference
 from tests.conftest import REPO, free_port
 from tests.fake_llm import FakeLLM
+from tracefix_rl import inference
 
 START_RE = re.compile(r"^\[START\] task=(\S+) env=tracefix_rl model=(\S+)$")
 STEP_RE = re.compile(
@@ -213,7 +213,7 @@ def test_two_decimals_has_no_negative_zero():
 
 
 def test_step_action_rendering_has_no_spaces():
-    from models import TraceFixAction
+    from tracefix_rl.models import TraceFixAction
 
     block = TraceFixAction(action_type="REPLACE_LINES", start_line=3, end_line=4,
                            new_code_block="a = 1\nb = 2")  # fmt: skip

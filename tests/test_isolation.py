@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import EvalRequest, ZygotePool
+from tracefix_rl.sandbox import EvalRequest, ZygotePool
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import signal
 
-from judge import judge, render, values_equal
-from sandbox import EvalResult, canonical
+from tracefix_rl.judge import judge, render, values_equal
+from tracefix_rl.sandbox import EvalResult, canonical
 
 
 def result(records, malformed=0, timed_out=False, overflow=False, signum=None) -> EvalResult:

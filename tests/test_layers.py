@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import SandboxUnavailable, ZygotePool, layers
+from tracefix_rl.sandbox import SandboxUnavailable, ZygotePool, layers
 
 UNISTD = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
 

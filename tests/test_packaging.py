@@ -5,17 +5,19 @@ from __future__ import annotations
 import ast
 import shutil
 import subprocess
+import sys
 import tomllib
 
 import httpx
 import pytest
 import yaml
 
-from environment import REWARD_RANGE
-from tasks import TaskRegistry
-from tests.conftest import REPO
+from tests.conftest import REPO, ServerProcess
+from tracefix_rl.environment import REWARD_RANGE
+from tracefix_rl.tasks import TaskRegistry
 
 TEST_COMMAND = "uv run pytest"
+MANIFEST_TASK = "sum_of_evens_wrong_modulus"
 
 
 def front_matter() -> dict:
@@ -66,18 +68,61 @@ def test_manifest(registry: TaskRegistry):
     assert validation["types"]["tags"]
 
 
-def test_pyproject_lists_every_module_and_the_server_script():
+def test_the_repository_root_is_the_package():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert project["project"]["scripts"]["server"] == "server.app:main"
-    modules = set(project["tool"]["setuptools"]["py-modules"])
-    top_level = {p.stem for p in REPO.glob("*.py")}
-    assert top_level <= modules, f"missing from py-modules: {top_level - modules}"
+    assert project["project"]["scripts"]["server"] == "tracefix_rl.server.app:main"
+    setuptools = project["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"tracefix_rl": "."}
+    subpackages = {p.parent.name for p in REPO.glob("*/__init__.py")} - {"tests"}
+    assert set(setuptools["packages"]) == {"tracefix_rl"} | {
+        f"tracefix_rl.{n}" for n in subpackages
+    }
     deps = " ".join(project["project"]["dependencies"])
     assert "openenv>=0.10,<0.11" in deps and "openenv-core" not in deps
     assert "fastmcp>=3,<4" in deps
     app = ast.parse((REPO / "server" / "app.py").read_text())
     guard = [n for n in app.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
     assert guard and "main()" in ast.unparse(guard[0].body[0])
+    from openenv.cli._cli_utils import validate_env_structure
+
+    validate_env_structure(REPO)  # what `openenv push` checks first: raises if a file is missing
+
+
+def test_the_wheel_installs_imports_and_serves(tmp_path):
+    """``uv build`` makes a wheel that, installed into a fresh environment, holds the package
+    and its task data and serves episodes (outside this checkout)."""
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not installed")
+    built = subprocess.run([uv, "build", "--wheel", "-o", str(tmp_path / "dist"), str(REPO)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("tracefix_rl-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+    installed = subprocess.run(
+        [uv, "pip", "install", "-q", "--python", str(venv / "bin" / "python"), str(wheel)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stderr
+    probe = (
+        "import tracefix_rl, tracefix_rl.tasks as t\n"
+        "from tracefix_rl import TraceFixAction, TraceFixEnv\n"
+        "print(tracefix_rl.__file__)\n"
+        "print(len(list(t.BUILTIN_DIR.glob('*.toml'))), t.GENERATED_CORPUS.exists())\n"
+    )
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    location, data = out.stdout.splitlines()
+    assert location.startswith(str(venv)) and data == "40 True"
+    server = ServerProcess(argv=[str(venv / "bin" / "server")], cwd=tmp_path)
+    try:
+        reset = httpx.post(f"{server.url}/reset", json={"task_id": MANIFEST_TASK}, timeout=30)
+        assert reset.status_code == 200 and reset.json()["observation"]["task_id"] == MANIFEST_TASK
+        assert httpx.get(f"{server.url}/health").json()["tasks"] == 1240
+    finally:
+        server.stop()
 
 
 def test_dockerfile_essentials():

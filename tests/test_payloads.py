@@ -28,8 +28,8 @@ from string import Template
 import httpx
 import pytest
 
-from sandbox import layers
 from tests.conftest import FAKE_SECRET, REPO, ServerProcess
+from tracefix_rl.sandbox import layers
 
 TASK = "sum_of_evens_wrong_modulus"
 CORRECT = "def sum_of_evens(nums):\n    return sum(n for n in nums if n % 2 == 0)\n"

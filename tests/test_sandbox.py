@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from judge import judge
-from sandbox import EvalRequest, FairSlots, Limits, SandboxFault, ZygotePool, canonical
 from tests.conftest import FAKE_SECRET
+from tracefix_rl.judge import judge
+from tracefix_rl.sandbox import EvalRequest, FairSlots, Limits, SandboxFault, ZygotePool, canonical
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_agent_code_that_kills_its_own_worker_with_layers_off(tmp_path):
 def test_bounded_queue_refuses_with_a_clear_error(tmp_path):
     import threading
 
-    from sandbox import SandboxBusy
+    from tracefix_rl.sandbox import SandboxBusy
 
     pool = ZygotePool(root=str(tmp_path), workers=1, max_queue=0, queue_timeout_s=5)
     try:
@@ -333,7 +333,7 @@ def test_the_agents_own_failures_are_not_faults(sandbox):
 
 
 def test_cancel_drops_a_queued_evaluation_and_kills_a_running_one(tmp_path):
-    from sandbox import EvaluationCancelled
+    from tracefix_rl.sandbox import EvaluationCancelled
 
     pool = ZygotePool(root=str(tmp_path), workers=1, limits=Limits(wall_s=30, per_test_s=30))
     try:

@@ -12,10 +12,10 @@ import httpx
 import websockets
 from openenv.core.generic_client import GenericEnvClient
 
-from client import TraceFixEnv
-from models import TraceFixAction
 from tests.conftest import FAKE_SECRET, REPO
 from tests.test_tasks import GOOD_TASK
+from tracefix_rl.client import TraceFixEnv
+from tracefix_rl.models import TraceFixAction
 
 BIN = Path(sys.executable).parent
 TASK = "sum_of_evens_wrong_modulus"

@@ -19,9 +19,9 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from server.serve import SHUTDOWN_BUDGET_S
 from tests.conftest import ServerProcess
 from tests.test_ws import SLOW, TASK, WAIT_S, eventually, frame, ws_url
+from tracefix_rl.server.serve import SHUTDOWN_BUDGET_S
 
 WS_SESSIONS = 3
 HTTP_SLOW_EPISODES = 2

@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 from tests.conftest import REPO, free_port
+from tracefix_rl.server import SERVER_MODULE
 
 PROBE = """
 import sys
-import server.app
+import tracefix_rl.server.app
 print("fastmcp loaded at start:", "fastmcp" in sys.modules)
 print("pydantic.v1 loaded at start:", "pydantic.v1" in sys.modules)
 import openenv.core.env_server as env_server
@@ -38,7 +39,7 @@ def test_server_start_defers_the_mcp_runtime_until_something_asks():
 def test_pydantic_v1_is_declined_only_inside_the_block():
     probe = (
         "import sys\n"
-        "from server import startup\n"
+        "from tracefix_rl.server import startup\n"
         "with startup.no_pydantic_v1():\n"
         "    try:\n"
         "        import pydantic.v1\n"
@@ -57,7 +58,7 @@ def test_server_refuses_to_start_when_the_sandbox_cannot_isolate():
     env = {**os.environ, "SANDBOX_DISABLE_SECCOMP": "1", "LOG_LEVEL": "WARNING"}
     env.pop("SANDBOX_ALLOW_DEGRADED", None)
     out = subprocess.run(
-        [sys.executable, "-m", "server.app", "--host", "127.0.0.1", "--port", str(free_port())],
+        [sys.executable, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(free_port())],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode != 0

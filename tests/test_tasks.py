@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from judge import judge
-from tasks import (
+from tests.conftest import REPO
+from tracefix_rl.judge import judge
+from tracefix_rl.tasks import (
     BUILTIN_DIR,
     TaskRegistry,
     TaskSelectionError,
     evaluate,
     load_registry,
 )
-from tests.conftest import REPO
 
 GOOD_TASK = {
     "task_id": "pack_double",
@@ -69,7 +69,7 @@ def test_oracle_holds_for_every_task(registry: TaskRegistry):
 
 
 def evaluate_all(task, code):
-    from sandbox import get_sandbox
+    from tracefix_rl.sandbox import get_sandbox
 
     return evaluate(get_sandbox(), code, task.all_tests)
 
@@ -149,7 +149,7 @@ def test_missing_pack_path_is_reported(tmp_path: Path):
 def test_cli_validate_exits_nonzero_on_invalid(tmp_path: Path):
     env = {"TRACEFIX_TASKS": str(write_pack(tmp_path)), "PATH": "/usr/bin:/bin"}
     done = subprocess.run(
-        [sys.executable, "-m", "tasks", "validate", "--json", "--corpus", "none"],
+        [sys.executable, "-m", "tracefix_rl.tasks", "validate", "--json", "--corpus", "none"],
         cwd=REPO,
         env=env,
         capture_output=True,

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-import client
-from client import CapacityError, SessionClosed, SessionExpired, TraceFixEnv
-from models import TraceFixAction
-from server import ws
 from tests.conftest import ServerProcess
+from tracefix_rl import client
+from tracefix_rl.client import CapacityError, SessionClosed, SessionExpired, TraceFixEnv
+from tracefix_rl.models import TraceFixAction
+from tracefix_rl.server import ws
 
 TASK = "sum_of_evens_wrong_modulus"  # line 5 is the bug; the buggy code passes 1 of 4
 FIX = {"action_type": "REPLACE_LINES", "start_line": 5, "end_line": 5,
@@ -92,8 +92,8 @@ def test_mcp_and_protocol_errors_match_openenv(ws_server):
     environment without tools, unknown types, bad JSON); validation errors the same code."""
     from openenv.core.env_server.http_server import create_app
 
-    from environment import TraceFixEnvironment
-    from models import TraceFixObservation
+    from tracefix_rl.environment import TraceFixEnvironment
+    from tracefix_rl.models import TraceFixObservation
 
     def rpc(method: str, params: dict | None = None, request_id: Any = 1) -> str:
         body: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "id": request_id}
