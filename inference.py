@@ -10,11 +10,12 @@ stdout carries exactly these lines, each flushed (everything else goes to stderr
     [STEP] step=<n> action=<action> reward=<r:.2f> done=<true|false> error=<msg|null>
     [END] success=<true|false> steps=<n> score=<s:.3f> rewards=<r1,r2,...>
 
-Environment variables: ``API_BASE_URL`` (default https://router.huggingface.co/v1),
-``MODEL_NAME`` (default Qwen/Qwen2.5-72B-Instruct), ``HF_TOKEN`` (else ``API_KEY``),
-``ENV_URL`` (default http://127.0.0.1:8000), ``LOCAL_IMAGE_NAME`` (start the environment from
-this Docker image). When no server answers at ``ENV_URL`` and no image is given, a local
-server is started on a free port and stopped at the end.
+Environment variables (:class:`AgentSettings`, read and validated once in ``main``):
+``API_BASE_URL`` (default https://router.huggingface.co/v1), ``MODEL_NAME`` (default
+Qwen/Qwen2.5-72B-Instruct), ``HF_TOKEN`` (else ``API_KEY``), ``ENV_URL`` (default
+http://127.0.0.1:8000), ``LOCAL_IMAGE_NAME`` (start the environment from this Docker image),
+``LLM_TIMEOUT_S`` and ``LLM_MAX_RETRIES``. When no server answers at ``ENV_URL`` and no image
+is given, a local server is started on a free port and stopped at the end.
 """
 
 from tracefix_rl import models  # noqa: F401  (first: keeps gradio out of this process)
@@ -26,8 +27,6 @@ import asyncio
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,11 +38,15 @@ from typing import Any
 import httpx
 import openai
 import yaml
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tracefix_rl.actions import ACTIONS, get_action
 from tracefix_rl.client import TraceFixEnv
 from tracefix_rl.models import ACTION_TYPES, TraceFixAction, TraceFixObservation
+from tracefix_rl.procs import free_port, stop_process_group
 from tracefix_rl.server import SERVER_MODULE
+from tracefix_rl.settings import SettingsError, load_settings
 
 REPO = Path(__file__).resolve().parent
 BENCHMARK = "tracefix_rl"
@@ -52,53 +55,91 @@ DEFAULT_MODEL = "Qwen/Qwen2.5-72B-Instruct"
 DEFAULT_ENV_URL = "http://127.0.0.1:8000"
 DEFAULT_MAX_STEPS = 20
 DEFAULT_BUDGET_S = 18 * 60
-LLM_TIMEOUT_S = float(os.environ.get("LLM_TIMEOUT_S", "60"))
-LLM_MAX_RETRIES = int(os.environ.get("LLM_MAX_RETRIES", "3"))
 MAX_TOKENS = 1024
 SCORE_FLOOR, SCORE_CEILING = 0.01, 0.99
 HISTORY_TURNS = 6
 SERVER_START_TIMEOUT_S = 120.0
+SERVER_STOP_GRACE_S = 20.0
 OUTPUT_CHARS = 1500
 FALLBACK_ACTION = TraceFixAction(action_type="VIEW_CODE")
 
-SYSTEM_PROMPT = """You are fixing a buggy Python program in a debugging environment.
-Each turn you receive the task description (the spec), the current code with line numbers,
-and the result of your last action. Reply with exactly ONE action as a JSON object:
 
-{"action_type": "VIEW_CODE"}                        show the whole file
-{"action_type": "VIEW_CODE", "start_line": 3, "end_line": 9}
-{"action_type": "RUN_TESTS"}                        run the visible tests
-{"action_type": "REPLACE_LINES", "start_line": 5, "end_line": 6, "new_code_block": "..."}
-{"action_type": "UNDO_EDIT"}                        revert your last edit
-{"action_type": "RESET_TO_ORIGINAL"}                restore the original code
-{"action_type": "SUBMIT"}                           grade your code (ends the episode)
+class AgentSettings(BaseSettings):
+    """The agent's environment variables (the README's table under "Baseline agent"); unset
+    or empty variables take the defaults."""
 
-REPLACE_LINES replaces lines start_line..end_line (inclusive) with new_code_block; an empty
-block deletes them and a longer block adds lines. If the least-indented line of your block
-starts at column 0, the whole block is indented like the line at start_line; otherwise it is
-inserted exactly as written. Hidden tests grade the final code, so fix the bug for every
-input the spec allows, not just the visible tests. Run the tests before you submit."""
+    model_config = SettingsConfigDict(case_sensitive=False, env_ignore_empty=True, extra="ignore")
+
+    api_base_url: str = Field(
+        default=DEFAULT_API_BASE_URL, description="OpenAI-compatible endpoint"
+    )
+    model_name: str = Field(default=DEFAULT_MODEL, description="model to evaluate")
+    hf_token: str | None = Field(default=None, description="API key")
+    api_key: str | None = Field(default=None, description="API key when HF_TOKEN is unset")
+    env_url: str = Field(default=DEFAULT_ENV_URL, description="a running tracefix_rl server")
+    local_image_name: str | None = Field(
+        default=None, description="start the environment from this Docker image"
+    )
+    llm_timeout_s: float = Field(
+        default=60.0, gt=0, allow_inf_nan=False, description="per-call timeout"
+    )
+    llm_max_retries: int = Field(
+        default=3, ge=0, description="retries with backoff on 429/5xx/connection errors"
+    )
+
 
 THOUGHT_NOTE = ' Include a short "thought" field explaining your reasoning.'
 
-ACTION_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "act",
-        "description": "Take one action in the debugging environment.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "action_type": {"type": "string", "enum": list(ACTION_TYPES)},
-                "start_line": {"type": "integer"},
-                "end_line": {"type": "integer"},
-                "new_code_block": {"type": "string"},
-                "thought": {"type": "string"},
+
+def system_prompt() -> str:
+    """The instructions: the reply format, then every action of the registry (an example
+    of each form, then what it does)."""
+    examples = "\n".join(
+        json.dumps({"action_type": action.name, **example})
+        for action in ACTIONS
+        for example in action.examples
+    )
+    actions = "\n".join(f"- {action.name}: {action.description}" for action in ACTIONS)
+    return (
+        "You are fixing a buggy Python program in a debugging environment.\n"
+        "Each turn you receive the task description (the spec), the current code with line "
+        "numbers, and the result of your last action. Reply with exactly ONE action as a JSON "
+        f"object:\n\n{examples}\n\nThe actions:\n{actions}\n\n"
+        "Hidden tests grade the final code, so fix the bug for every input the spec allows, "
+        "not just the visible tests. Run the tests before you submit."
+    )
+
+
+def _tool_property(schema: dict[str, Any]) -> dict[str, Any]:
+    """One property of the wire schema as a tool parameter: an optional field's
+    ``anyOf [X, null]`` becomes X (tool callers omit what they do not give)."""
+    options = [o for o in schema.get("anyOf", [schema]) if o.get("type") != "null"]
+    merged = {**options[0], **{k: v for k, v in schema.items() if k == "description"}}
+    return {k: v for k, v in merged.items() if k not in ("title", "default")}
+
+
+def action_tool() -> dict[str, Any]:
+    """The one tool offered to the model, ``act``, whose parameters are
+    ``TraceFixAction``'s JSON schema (the wire contract) without ``metadata``."""
+    schema = TraceFixAction.model_json_schema()
+    properties = {
+        name: _tool_property(prop)
+        for name, prop in schema["properties"].items()
+        if name != "metadata"
+    }
+    return {
+        "type": "function",
+        "function": {
+            "name": "act",
+            "description": "Take one action in the debugging environment.",
+            "parameters": {
+                "type": "object",
+                "properties": properties,
+                "required": schema.get("required", []),
+                "additionalProperties": False,
             },
-            "required": ["action_type"],
         },
-    },
-}
+    }
 
 
 def log(message: str) -> None:
@@ -137,8 +178,7 @@ def parse_action(text: str | None) -> TraceFixAction:
         if isinstance(candidate, dict) and "action_type" in candidate:
             return action_from_dict(candidate)
     match = re.search(r"\b(" + "|".join(ACTION_TYPES) + r")\b", text)
-    if match and match.group(1) in ("RUN_TESTS", "SUBMIT", "UNDO_EDIT", "RESET_TO_ORIGINAL",
-                                    "VIEW_CODE"):  # fmt: skip
+    if match and not get_action(match.group(1)).Params.model_fields:  # needs no parameters
         return TraceFixAction(action_type=match.group(1))
     raise ParseError(f"no JSON action in reply: {one_line(text)[:120]}")
 
@@ -182,11 +222,14 @@ def _json_objects(text: str):
 class Model:
     """An OpenAI-compatible chat model; tool calling first, then JSON mode, then plain text."""
 
-    def __init__(self, base_url: str, api_key: str, name: str, seed: int) -> None:
-        self.name = name
+    def __init__(self, settings: AgentSettings, seed: int) -> None:
+        self.name = settings.model_name
         self.seed = seed
         self.client = openai.OpenAI(
-            base_url=base_url, api_key=api_key, timeout=LLM_TIMEOUT_S, max_retries=LLM_MAX_RETRIES
+            base_url=settings.api_base_url,
+            api_key=settings.hf_token or settings.api_key or "none",
+            timeout=settings.llm_timeout_s,
+            max_retries=settings.llm_max_retries,
         )
         self.modes = ["tools", "json", "text"]
 
@@ -218,7 +261,7 @@ class Model:
     def _complete(self, messages: list[dict[str, Any]], mode: str):
         extra: dict[str, Any] = {}
         if mode == "tools":
-            extra["tools"] = [ACTION_TOOL]
+            extra["tools"] = [action_tool()]
             extra["tool_choice"] = {"type": "function", "function": {"name": "act"}}
         elif mode == "json":
             extra["response_format"] = {"type": "json_object"}
@@ -270,12 +313,6 @@ def describe_action(action: TraceFixAction) -> str:
 # -- environment lifecycle ----------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/health", timeout=3).status_code == 200
@@ -297,7 +334,7 @@ class Environment:
             self._start_local_server()
 
     def _start_local_server(self) -> None:
-        port = _free_port()
+        port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         handle_fd, name = tempfile.mkstemp(prefix="tracefix-inference-server-", suffix=".log")
         log_file = Path(name)
@@ -326,13 +363,8 @@ class Environment:
         return TraceFixEnv(base_url=self.url, message_timeout_s=300).sync()
 
     def close(self) -> None:
-        if self._server is not None and self._server.poll() is None:
-            os.killpg(self._server.pid, signal.SIGTERM)
-            try:
-                self._server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self._server.pid, signal.SIGKILL)
-                self._server.wait()
+        if self._server is not None:
+            stop_process_group(self._server, grace_s=SERVER_STOP_GRACE_S)
         if self._provider is not None:
             self._provider.stop_container()
 
@@ -365,7 +397,7 @@ class Episode:
 def run_episode(episode: Episode, env: Environment, model: Model, args: argparse.Namespace,
                 deadline: float) -> None:  # fmt: skip
     """Play one episode; prints [STEP] lines (the caller prints [START]/[END])."""
-    system = SYSTEM_PROMPT + (THOUGHT_NOTE if args.thought else "")
+    system = system_prompt() + (THOUGHT_NOTE if args.thought else "")
     episode.messages.append({"role": "system", "content": system})
     with env.session() as session:
         result = session.reset(task_id=episode.task_id, seed=episode.seed,
@@ -430,16 +462,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model_name = os.environ.get("MODEL_NAME") or DEFAULT_MODEL
-    api_key = os.environ.get("HF_TOKEN") or os.environ.get("API_KEY") or "none"
-    model = Model(os.environ.get("API_BASE_URL") or DEFAULT_API_BASE_URL, api_key, model_name,
-                  args.seed)  # fmt: skip
+    try:
+        settings = load_settings(model=AgentSettings)
+    except SettingsError as exc:
+        log(f"invalid configuration:\n{exc}")
+        return 2
+    model_name = settings.model_name
+    model = Model(settings, args.seed)
     deadline = time.monotonic() + args.budget_s
     env: Environment | None = None
     env_error = "no environment"
     try:
-        env = Environment(os.environ.get("ENV_URL") or DEFAULT_ENV_URL,
-                          os.environ.get("LOCAL_IMAGE_NAME") or None)  # fmt: skip
+        env = Environment(settings.env_url, settings.local_image_name)
     except Exception as exc:  # noqa: BLE001 - reported on every episode's [END]
         env_error = f"environment unavailable: {type(exc).__name__}: {one_line(str(exc))[:200]}"
         log(env_error)

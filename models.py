@@ -1,8 +1,9 @@
 """Wire contract of tracefix_rl: the Action, Observation and State models.
 
-The Action accepts TraceFix-RL's JSON unchanged. Everything a client needs is a declared
-Observation field, because ``Observation.metadata`` never reaches clients in openenv-core
-0.3.x. Import this module before any ``openenv`` module (see ``_DeferWebInterface``).
+The Action accepts TraceFix-RL's JSON unchanged; its ``action_type`` values and parameter
+fields are derived from the action registry (:mod:`tracefix_rl.actions`). Everything a
+client needs is a declared Observation field. Import this module before any ``openenv``
+module (see ``_DeferWebInterface``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,22 @@ WEB_INTERFACE_ENV = "ENABLE_WEB_INTERFACE"
 _WEB_MODULE = "openenv.core.env_server.web_interface"
 
 
+_web_interface_allowed = False
+
+
+def allow_web_interface() -> None:
+    """Let OpenEnv's Gradio web interface be imported in this process (the server calls it
+    when its settings enable the web UI)."""
+    global _web_interface_allowed
+    _web_interface_allowed = True
+
+
 def web_interface_enabled() -> bool:
-    """True when ``ENABLE_WEB_INTERFACE`` asks for OpenEnv's Gradio playground at /web."""
-    return os.environ.get(WEB_INTERFACE_ENV, "false").lower() in ("true", "1", "yes")
+    """True once :func:`allow_web_interface` was called, or when ``ENABLE_WEB_INTERFACE``
+    asks for OpenEnv's Gradio playground at /web (for OpenEnv's own ``create_app``, which
+    reads that variable itself)."""
+    flag = os.environ.get(WEB_INTERFACE_ENV, "false").lower() in ("true", "1", "yes")
+    return _web_interface_allowed or flag
 
 
 class _DeferWebInterface(importlib.abc.MetaPathFinder):
@@ -48,18 +62,16 @@ from pydantic import (  # noqa: E402
     ConfigDict,
     Field,
     StrictInt,
+    create_model,
     field_validator,
     model_validator,
 )
 
-ActionType = Literal[
-    "VIEW_CODE", "RUN_TESTS", "REPLACE_LINES", "UNDO_EDIT", "RESET_TO_ORIGINAL", "SUBMIT"
-]
-ACTION_TYPES: tuple[str, ...] = ActionType.__args__  # type: ignore[attr-defined]
-Difficulty = Literal["easy", "medium", "hard"]
-DIFFICULTIES: tuple[str, ...] = Difficulty.__args__  # type: ignore[attr-defined]
-Split = Literal["train", "eval"]
-SPLITS: tuple[str, ...] = Split.__args__  # type: ignore[attr-defined]
+from tracefix_rl.actions import ACTIONS, wire_fields  # noqa: E402
+from tracefix_rl.tasks.vocabulary import DIFFICULTIES, SPLITS, Difficulty, Split  # noqa: E402,F401
+
+ACTION_TYPES: tuple[str, ...] = tuple(action.name for action in ACTIONS)
+ActionType = Literal[ACTION_TYPES]  # type: ignore[valid-type]
 MAX_STEPS_LIMIT = 1000
 ID_MAX_CHARS = 255
 
@@ -147,33 +159,54 @@ def choice_schema(choices: tuple[str, ...]) -> dict[str, Any]:
     ]}  # fmt: skip
 
 
-class TraceFixAction(Action):
-    """One agent action.
+_WIRE_TYPES: dict[type, Any] = {int: StrictInt, str: SafeText}
+"""How an action parameter's type is accepted on the wire (see :func:`json_integer` and
+:data:`SafeText`)."""
 
-    ``REPLACE_LINES`` replaces lines ``start_line``..``end_line`` (1-indexed, inclusive)
-    with ``new_code_block``: an empty block deletes them, a longer block grows the file,
-    and ``end_line = start_line - 1`` inserts before ``start_line`` (use ``n + 1`` to
-    append). Indentation: if the block's least-indented non-blank line is flush-left, the
-    whole block is shifted to the indentation of the line at ``start_line``; otherwise it
-    is inserted verbatim. ``VIEW_CODE`` optionally takes a line range to focus on.
-    """
+_ACTION_DOC = """One agent action: ``action_type`` names it, and the other fields are the
+parameters of the actions that take them (ignored by the others).
 
-    action_type: ActionType = Field(description="Which action to take.")
-    start_line: StrictInt | None = Field(
-        default=None, description="First line (1-indexed) for REPLACE_LINES / VIEW_CODE."
+{actions}
+
+``thought`` is free text the environment ignores (for transcripts)."""
+
+
+def _action_model() -> type[Action]:
+    """``TraceFixAction``, derived from the action registry: one optional field per action
+    parameter (strict JSON integers, surrogate-safe strings), no other field."""
+    params = wire_fields()
+    fields: dict[str, Any] = {
+        "action_type": (
+            ActionType,
+            Field(description="Which action to take."),
+        )
+    }
+    for param in params:
+        fields[param.name] = (
+            _WIRE_TYPES[param.type] | None,
+            Field(default=None, description=param.description),
+        )
+    fields["thought"] = (
+        SafeText | None,
+        Field(
+            default=None, description="Optional free-text reasoning; ignored by the environment."
+        ),
     )
-    end_line: StrictInt | None = Field(
-        default=None, description="Last line (inclusive) for REPLACE_LINES / VIEW_CODE."
-    )
-    new_code_block: SafeText | None = Field(
-        default=None,
-        description="Replacement text for REPLACE_LINES; empty deletes the lines.",
-    )
-    thought: SafeText | None = Field(
-        default=None, description="Optional free-text reasoning; ignored by the environment."
+    integers = [param.name for param in params if param.type is int]
+    validators = {"_json_integers": field_validator(*integers, mode="before")(json_integer)}
+    return create_model(
+        "TraceFixAction",
+        __base__=Action,
+        __module__=__name__,
+        __doc__=_ACTION_DOC.format(
+            actions="\n".join(f"* ``{a.name}``: {a.description}" for a in ACTIONS)
+        ),
+        __validators__=validators if integers else None,
+        **fields,
     )
 
-    _json_integers = field_validator("start_line", "end_line", mode="before")(json_integer)
+
+TraceFixAction = _action_model()
 
 
 class TestResult(BaseModel):

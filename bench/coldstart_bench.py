@@ -6,7 +6,7 @@ Starts ``python -m tracefix_rl.server.app`` (the venv's interpreter, as the Dock
 does) ``--runs``
 times, polls ``POST /reset {}`` every 10 ms from the moment the process is spawned, and
 reports the median and worst time to the first 200 beside a bare ``python -c pass`` start in
-the same run. Writes ``bench/results/coldstart.json``.
+the same run. Writes ``bench/results/coldstart.json`` (or into ``--results DIR``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
-from common import REPO, free_port, stop_process, write_result
+from common import REPO, RESULTS, add_results_option, free_port, stop_process_group, write_result
 
 from tracefix_rl.server import SERVER_MODULE
 
@@ -51,7 +52,7 @@ def first_reset_s(extra_env: dict[str, str] | None = None) -> float:
                 time.sleep(POLL_S)
         raise RuntimeError(f"no /reset 200 within {DEADLINE_S:.0f}s")
     finally:
-        stop_process(server)
+        stop_process_group(server)
 
 
 def bare_python_s() -> float:
@@ -69,7 +70,7 @@ def summarize(samples: list[float]) -> dict[str, float]:
     }
 
 
-def run(runs: int) -> dict:
+def run(runs: int, results: Path = RESULTS) -> dict:
     """Measure and return the cold-start report (also written to the results folder)."""
     bare = [bare_python_s() for _ in range(runs)]
     server = []
@@ -85,14 +86,15 @@ def run(runs: int) -> dict:
     report["ratio_to_bare_python"] = round(
         report["first_reset_200"]["median_s"] / report["bare_python_start"]["median_s"], 1
     )
-    return write_result("coldstart", report)
+    return write_result("coldstart", report, results)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=5)
+    add_results_option(parser)
     args = parser.parse_args()
-    print(json.dumps(run(args.runs), indent=2))
+    print(json.dumps(run(args.runs, args.results), indent=2))
 
 
 if __name__ == "__main__":

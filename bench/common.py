@@ -1,13 +1,15 @@
-"""Shared helpers of the benchmarks: paths, machine facts, process control, result files."""
+"""Shared helpers of the benchmarks: paths, machine facts, process control, result files.
+
+Every benchmark writes its JSON to ``bench/results/`` (the committed results), or to the
+folder its ``--results`` option names (``run_all.py --quick`` passes a scratch folder).
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,24 +20,17 @@ RESULTS = REPO / "bench" / "results"
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tracefix_rl.procs import free_port, stop_process_group  # noqa: E402,F401  (re-exported)
 
 
-def stop_process(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    """SIGTERM the process group started with ``start_new_session``; SIGKILL if it lingers."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=grace_s)
+def add_results_option(parser: argparse.ArgumentParser) -> None:
+    """The ``--results DIR`` option every benchmark takes (default ``bench/results``)."""
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="folder to write the result JSON to (default: bench/results)",
+    )
 
 
 def machine() -> dict[str, Any]:
@@ -49,13 +44,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_result(name: str, report: dict[str, Any]) -> dict[str, Any]:
-    """Stamp ``report`` with the date and machine and write ``bench/results/<name>.json``."""
+def write_result(name: str, report: dict[str, Any], results: Path = RESULTS) -> dict[str, Any]:
+    """Stamp ``report`` with the date and machine and write ``<results>/<name>.json``."""
     stamped = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
         **report,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(stamped, indent=2) + "\n")
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(stamped, indent=2) + "\n")
     return stamped

@@ -3,16 +3,18 @@ corpus is left alone).
 
     uv run python bench/generate_bench.py
 
-Writes ``bench/results/generate.json`` (tasks kept, seconds, tasks/s) and the registry load
-time with the committed corpus (what server start-up pays).
+Writes ``bench/results/generate.json`` (or into ``--results DIR``): tasks kept, seconds,
+tasks/s, and the registry load time with the committed corpus (what server start-up pays).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
+from pathlib import Path
 
-from common import write_result
+from common import RESULTS, add_results_option, write_result
 
 from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
@@ -23,7 +25,7 @@ from tracefix_rl.tasks import load_registry
 from tracefix_rl.tasks.generate import DEFAULT_PER_PROGRAM, DEFAULT_SEED, generate
 
 
-def run() -> dict:
+def run(results: Path = RESULTS) -> dict:
     """Generate and validate the corpus from scratch; write and return the report."""
     sandbox = get_sandbox()
     started = time.monotonic()
@@ -42,13 +44,15 @@ def run() -> dict:
         "registry_load_with_corpus_s": round(load_s, 2),
         "registry_tasks": len(loaded.tasks),
         "target_s": 60.0,
-    })  # fmt: skip
+    }, results)  # fmt: skip
     sandbox.close()
     return report
 
 
 def main() -> None:
-    print(json.dumps(run(), indent=2))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_results_option(parser)
+    print(json.dumps(run(parser.parse_args().results), indent=2))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Turn ``bench/results/*.json`` into PNG plots and ``BENCHMARKS.md``.
 
-    uv run python bench/report.py
+    uv run python bench/report.py [--results DIR] [--target FILE]
 
-Reads the results the benchmarks wrote, draws ``bench/results/latency_vs_sessions.png``,
-``throughput.png`` and ``sandbox_latency.png`` (matplotlib, headless), and writes the
-``BENCHMARKS.md`` table: machine, date, targets met or not, absolute numbers beside ratios.
+Reads the results the benchmarks wrote (``--results``, default ``bench/results``), draws
+``latency_vs_sessions.png``, ``throughput.png`` and ``sandbox_latency.png`` into the same
+folder (matplotlib, headless), and writes the table (``--target``, default ``BENCHMARKS.md``):
+machine, date, targets met or not, absolute numbers beside ratios.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -418,7 +420,8 @@ def plot(data: dict[str, dict[str, Any]], out: Path) -> list[Path]:
 
 
 def write(results: Path = RESULTS, target: Path = BENCHMARKS_MD) -> tuple[Path, list[Path]]:
-    """Plot and write the table from the results in ``results``."""
+    """Plot into ``results`` and write the table to ``target``, from the results in
+    ``results``."""
     data = load(results)
     drawn = plot(data, results)
     target.write_text(markdown(data))
@@ -426,8 +429,14 @@ def write(results: Path = RESULTS, target: Path = BENCHMARKS_MD) -> tuple[Path, 
 
 
 def main() -> None:
-    target, drawn = write()
-    print(f"wrote {target.relative_to(REPO)} and {', '.join(p.name for p in drawn)}")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of the result JSON; the plots go there too")  # fmt: skip
+    parser.add_argument("--target", type=Path, default=BENCHMARKS_MD,
+                        help="the Markdown table to write (default: BENCHMARKS.md)")  # fmt: skip
+    args = parser.parse_args()
+    target, drawn = write(args.results, args.target)
+    print(f"wrote {target} and {', '.join(str(p) for p in drawn)}")
 
 
 if __name__ == "__main__":

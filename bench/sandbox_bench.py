@@ -3,9 +3,10 @@ and a TraceFix-style ``multiprocessing.Process``-per-run baseline, all in one ru
 
     uv run python bench/sandbox_bench.py [--quick]
 
-Writes ``bench/results/sandbox.json`` and prints a table. Everything is measured in one run
-on this machine, so ratios (sandboxed latency / fork floor, / baseline) are meaningful even
-when the machine is noisy; absolute numbers are not comparable across machines.
+Writes ``bench/results/sandbox.json`` (or into ``--results DIR``) and prints a table.
+Everything is measured in one run on this machine, so ratios (sandboxed latency / fork
+floor, / baseline) are meaningful even when the machine is noisy; absolute numbers are not
+comparable across machines.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import REPO, write_result
+from common import REPO, RESULTS, add_results_option, write_result
 
 from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
@@ -252,7 +253,7 @@ def rss_mib() -> float:
     return round(int(status.split("VmRSS:")[1].split()[0]) / 1024, 1)
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, results: Path = RESULTS) -> dict:
     """Measure everything; write and return the report."""
     n, seconds = (50, 1.0) if quick else (300, 3.0)
     sandbox = get_sandbox()
@@ -286,7 +287,7 @@ def run(quick: bool = False) -> dict:
         },
         "throughput": rates,
         "throughput_by_workers": workers,
-    })  # fmt: skip
+    }, results)  # fmt: skip
     print(f"bare fork+exit+wait: p50 {bare['p50_ms']} ms, p99 {bare['p99_ms']} ms")
     for tier, stats in latency.items():
         to_floor = report["ratio_p50_to_fork_floor"][tier]
@@ -308,7 +309,9 @@ def run(quick: bool = False) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (smoke run)")
-    run(parser.parse_args().quick)
+    add_results_option(parser)
+    args = parser.parse_args()
+    run(args.quick, args.results)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ run, so each one is a real evaluation), the others REPLACE_LINES/UNDO_EDIT, SUBM
 ``--http`` runs use stateful HTTP episodes (``POST /reset``, then ``POST /step`` with the
 ``episode_id``). Reports per-action P50/P99 latency, errors (including ERROR lines in the
 server's log), RSS and RSS per idle session, and CPU use of the server (with its sandbox
-workers) and of this client. Writes ``bench/results/sessions.json``. With
+workers) and of this client. Writes ``bench/results/sessions.json`` (or into
+``--results DIR``). With
 ``BENCH_DUMP_SERVER_LOG=1`` each server's whole log goes to stderr (for chasing errors).
 """
 
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from common import REPO, free_port, stop_process, write_result
+from common import REPO, RESULTS, add_results_option, free_port, stop_process_group, write_result
 
 from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
@@ -319,7 +320,7 @@ def bench(sessions: int, steps: int, transport: str = "ws", mix: str = "mixed") 
         try:
             result = asyncio.run(_when_healthy(server, port, transport, sessions, steps, mix))
         finally:
-            stop_process(server)
+            stop_process_group(server)
         log.seek(0)
         lines = log.read().decode(errors="replace").splitlines()
     bad = [line for line in lines if any(m in line for m in SERVER_ERROR_MARKERS)]
@@ -334,8 +335,8 @@ TESTS_HALF_STEPS = 10  # issue 10's load: 10 steps per session, half of them RUN
 
 
 def run(ws: list[int], http: list[int], steps: int, mix: str = "mixed",
-        tests_half: list[int] = ()) -> dict:  # fmt: skip
-    """Every requested run, written to ``bench/results/sessions.json``; ``tests_half`` are
+        tests_half: list[int] = (), results: Path = RESULTS) -> dict:  # fmt: skip
+    """Every requested run, written to ``<results>/sessions.json``; ``tests_half`` are
     extra WebSocket runs of ``TESTS_HALF_STEPS`` steps in the ``tests-half`` mix."""
     plans = [("ws", n, steps, mix) for n in ws] + [("http", n, steps, mix) for n in http]
     plans += [("ws", n, TESTS_HALF_STEPS, "tests-half") for n in tests_half]
@@ -345,7 +346,7 @@ def run(ws: list[int], http: list[int], steps: int, mix: str = "mixed",
               file=sys.stderr, flush=True)  # fmt: skip
         runs.append(bench(sessions, length, transport, kind))
         print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
-    return write_result("sessions", {"steps_per_session": steps, "runs": runs})
+    return write_result("sessions", {"steps_per_session": steps, "runs": runs}, results)
 
 
 def main() -> None:
@@ -359,8 +360,9 @@ def main() -> None:
     parser.add_argument("--tests-half", type=int, nargs="*", default=[],
                         help=f"WebSocket session counts for {TESTS_HALF_STEPS}-step runs in the "
                              "tests-half mix, after the others")  # fmt: skip
+    add_results_option(parser)
     args = parser.parse_args()
-    run(args.sessions, args.http, args.steps, args.mix, args.tests_half)
+    run(args.sessions, args.http, args.steps, args.mix, args.tests_half, args.results)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ server's RSS is flat: the growth from the end of warm-up (the first ``WARM_UP_SH
 run) to the end, and the least-squares slope per 1,000 episodes over that span. After the
 server stops: no process of it and no sandbox directory is left.
 
-Writes ``bench/results/soak.json``; progress goes to stderr.
+Writes ``bench/results/soak.json`` (or into ``--results DIR``); progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, free_port, stop_process, write_result
+from common import REPO, add_results_option, free_port, stop_process_group, write_result
 
 from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
@@ -46,6 +46,8 @@ import httpx
 
 from tracefix_rl.client import TraceFixEnv
 from tracefix_rl.models import TraceFixAction
+from tracefix_rl.procs import children_of
+from tracefix_rl.sandbox.pool import ROOT_LOCK_SUFFIX
 from tracefix_rl.server import SERVER_MODULE
 
 EPISODES = 6000
@@ -91,18 +93,6 @@ def rss_mib(pid: int) -> float:
     return status_field(pid, "VmRSS") / 1024
 
 
-def children(pid: int) -> list[int]:
-    """Every child of ``pid``, whichever of its threads started it (each thread has its own
-    ``children`` file: the sandbox's supervisor thread starts replacement workers)."""
-    found = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            found += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-    except OSError:
-        pass
-    return [int(p) for p in found]
-
-
 def is_zombie(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
@@ -115,13 +105,13 @@ def orphans(server: int, root: Path) -> list[int]:
     below a child, and any process working in the sandbox root that escaped its parents."""
     expected = {server}
     found: list[int] = []
-    for worker in children(server):
+    for worker in children_of(server):
         expected.add(worker)
-        waiting = [c for c in children(worker) if not is_zombie(c)]
+        waiting = [c for c in children_of(worker) if not is_zombie(c)]
         expected.update(waiting[:1])
         found += waiting[1:]
         for child in waiting:
-            found += [g for g in children(child) if not is_zombie(g)]
+            found += [g for g in children_of(child) if not is_zombie(g)]
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) in expected:
             continue
@@ -135,10 +125,12 @@ def orphans(server: int, root: Path) -> list[int]:
 
 
 def leftover_entries(root: Path) -> list[str]:
-    """Anything under the sandbox root but the pool root(s), the workers' directories and
-    their empty working directories."""
+    """Anything under the sandbox root but the pool root(s) and their lock files, the
+    workers' directories and their empty working directories."""
     found = []
     for pool_root in root.iterdir():
+        if pool_root.name.endswith(ROOT_LOCK_SUFFIX) and pool_root.is_file():
+            continue
         for worker in pool_root.iterdir():
             for entry in worker.iterdir():
                 if entry.name != "cwd" or any(entry.iterdir()):
@@ -147,7 +139,7 @@ def leftover_entries(root: Path) -> list[str]:
 
 
 def sample(server: int, root: Path, episodes: int) -> dict[str, Any]:
-    workers = children(server)
+    workers = children_of(server)
     return {
         "episodes": episodes,
         "server_rss_mib": round(rss_mib(server), 1),
@@ -262,7 +254,7 @@ def soak(episodes: int = EPISODES, concurrency: int = CONCURRENCY) -> dict[str, 
         after = sample(server.pid, root, episodes)
         health = httpx.get(f"{url}/health", timeout=10).json()
     finally:
-        stop_process(server)
+        stop_process_group(server)
         log_file.close()
     log = Path(log_path).read_text(errors="replace")
     Path(log_path).unlink(missing_ok=True)
@@ -307,10 +299,11 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=EPISODES)
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_EPISODES} episodes")
+    add_results_option(parser)
     args = parser.parse_args()
     episodes = QUICK_EPISODES if args.quick else args.episodes
     report = soak(episodes, args.concurrency)
-    write_result("soak", report)
+    write_result("soak", report, args.results)
     shown = {k: v for k, v in report.items() if k != "samples"}
     for key, value in shown.items():
         print(f"{key}: {value}")

@@ -6,16 +6,15 @@ judge (``judge.py``, in the server) compares them with expected values that neve
 sandbox. The backend is a pool of warm, exec-started zygotes (``pool``) that fork one child
 per evaluation with every layer of ``layers`` applied.
 
-Configuration (environment variables): ``SANDBOX_WORKERS`` (pool size, default the CPU
-count + 1, at least 2 and at most 8), ``SANDBOX_QUEUE_TIMEOUT_S`` (30),
-``SANDBOX_MAX_QUEUE`` (1024), ``SANDBOX_ALLOW_DEGRADED`` (run without seccomp),
-``SANDBOX_DISABLE_LANDLOCK``, ``SANDBOX_ROOT`` and the limits of :meth:`Limits.from_env`.
+Configuration: :func:`sandbox_from_settings` builds a pool from the server's settings
+(``SANDBOX_*``, read and validated by ``tracefix_rl.settings``); this package reads no
+environment variable itself. :func:`get_sandbox` is the process-wide pool.
 """
 
 from __future__ import annotations
 
-import os
 import threading
+from typing import TYPE_CHECKING
 
 from tracefix_rl.sandbox.api import (
     EvalRequest,
@@ -31,41 +30,48 @@ from tracefix_rl.sandbox.api import (
 from tracefix_rl.sandbox.harness import TestTimeout, canonical
 from tracefix_rl.sandbox.pool import FairSlots, ZygotePool
 
+if TYPE_CHECKING:
+    from tracefix_rl.settings import Settings
+
 __all__ = [
     "EvalRequest", "EvalResult", "EvaluationCancelled", "FairSlots", "Limits", "SandboxBackend",
     "SandboxBusy", "SandboxFailure", "SandboxFault", "SandboxUnavailable", "TestTimeout",
-    "ZygotePool", "canonical", "close_sandbox", "get_sandbox", "prewarm",
+    "ZygotePool", "canonical", "close_sandbox", "get_sandbox", "sandbox_from_settings",
 ]  # fmt: skip
 
-_TRUE = ("1", "true", "yes")
 _default: SandboxBackend | None = None
 _default_lock = threading.Lock()
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in _TRUE
-
-
-def sandbox_from_env() -> ZygotePool:
-    """A new pool configured from the ``SANDBOX_*`` environment variables."""
-    workers = os.environ.get("SANDBOX_WORKERS")
+def sandbox_from_settings(settings: Settings) -> ZygotePool:
+    """A new pool configured by ``settings`` (its ``SANDBOX_*`` fields)."""
+    root = settings.sandbox_root
     return ZygotePool(
-        limits=Limits.from_env(),
-        workers=int(workers) if workers else None,
-        queue_timeout_s=float(os.environ.get("SANDBOX_QUEUE_TIMEOUT_S", "30")),
-        max_queue=int(os.environ.get("SANDBOX_MAX_QUEUE", "1024")),
-        allow_degraded=_flag("SANDBOX_ALLOW_DEGRADED"),
-        landlock=not _flag("SANDBOX_DISABLE_LANDLOCK"),
-        seccomp=not _flag("SANDBOX_DISABLE_SECCOMP"),
+        limits=Limits.from_settings(settings),
+        workers=settings.sandbox_workers,
+        queue_timeout_s=settings.sandbox_queue_timeout_s,
+        max_queue=settings.sandbox_max_queue,
+        root=str(root) if root is not None else None,
+        allow_degraded=settings.sandbox_allow_degraded,
+        landlock=not settings.sandbox_disable_landlock,
+        seccomp=not settings.sandbox_disable_seccomp,
     )
 
 
-def get_sandbox() -> SandboxBackend:
-    """The process-wide sandbox, started on first use."""
+def get_sandbox(settings: Settings | None = None) -> SandboxBackend:
+    """The process-wide sandbox, started on the first call: configured by ``settings`` (a
+    server passes its own, at start-up), else by ``settings.environment_settings()``.
+    Later calls return it whatever they pass. Raises :class:`SandboxUnavailable` when the
+    sandbox cannot isolate as required (the next call tries again)."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = sandbox_from_env()
+            if settings is None:
+                # Imported only here: the sandbox package does not need pydantic otherwise.
+                from tracefix_rl.settings import environment_settings
+
+                settings = environment_settings()
+            _default = sandbox_from_settings(settings)
         return _default
 
 
@@ -78,19 +84,3 @@ def close_sandbox() -> None:
         backend, _default = _default, None
     if backend is not None:
         backend.close()
-
-
-def prewarm() -> threading.Thread:
-    """Start the process-wide sandbox in a background thread, so its workers boot while the
-    caller goes on importing; ``get_sandbox()`` then waits for it. A failure is left for the
-    next ``get_sandbox()`` call to raise."""
-
-    def start() -> None:
-        try:
-            get_sandbox()
-        except Exception:  # noqa: BLE001 - get_sandbox() raises it again where it matters
-            pass
-
-    thread = threading.Thread(target=start, name="sandbox-prewarm", daemon=True)
-    thread.start()
-    return thread

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from tracefix_rl.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -21,15 +23,15 @@ class Limits:
     result_bytes: int = 1024 * 1024
 
     @classmethod
-    def from_env(cls) -> Limits:
-        """Read limits from ``SANDBOX_*`` environment variables (defaults above)."""
-        base = cls()
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The limits ``settings`` ask for (``SANDBOX_WALL_TIMEOUT_S``, ``_TEST_TIMEOUT_S``,
+        ``_CPU_S``, ``_MEMORY_MB``, ``_OUTPUT_BYTES``); the rest keep the defaults above."""
         return cls(
-            wall_s=float(os.environ.get("SANDBOX_WALL_TIMEOUT_S", base.wall_s)),
-            per_test_s=float(os.environ.get("SANDBOX_TEST_TIMEOUT_S", base.per_test_s)),
-            cpu_s=int(os.environ.get("SANDBOX_CPU_S", base.cpu_s)),
-            memory_mb=int(os.environ.get("SANDBOX_MEMORY_MB", base.memory_mb)),
-            output_bytes=int(os.environ.get("SANDBOX_OUTPUT_BYTES", base.output_bytes)),
+            wall_s=settings.sandbox_wall_timeout_s,
+            per_test_s=settings.sandbox_test_timeout_s,
+            cpu_s=settings.sandbox_cpu_s,
+            memory_mb=settings.sandbox_memory_mb,
+            output_bytes=settings.sandbox_output_bytes,
         )
 
 

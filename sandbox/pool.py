@@ -17,15 +17,18 @@ child; the worker reaps it and forks the next one while the result goes back to 
 * **Cancellation.** ``run(..., cancel=event)``: setting the event drops a queued evaluation
   or kills the running child (within ``CANCEL_POLL_S``) and raises
   :class:`EvaluationCancelled`.
-* **Directories.** One root per pool under ``SANDBOX_ROOT``; stale roots of processes that
-  are gone are swept in the background, and no sweep or cleanup can be defeated by what
-  agent code wrote (``cleanup.remove_tree``; the filesystem is read-only to it anyway).
+* **Directories.** One root per pool under ``root`` (``SANDBOX_ROOT``), owned through an
+  ``flock`` on its lock file for the pool's life; roots whose lock nobody holds are swept
+  in the background (a pid test would not do: from a container's PID namespace, every
+  server outside it looks dead). No sweep or cleanup can be defeated by what agent code
+  wrote (``cleanup.remove_tree``; the filesystem is read-only to it anyway).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -69,7 +72,6 @@ WORKER_ENV = {
 # -s -S: no user or site packages; -P: no script directory on sys.path; -B: no .pyc files.
 # -E/-I are not used because they would drop PYTHONHASHSEED; the environment is ours anyway.
 WORKER_FLAGS = ("-s", "-S", "-P", "-B")
-SANDBOX_ROOT_ENV = "SANDBOX_ROOT"
 HELLO_TIMEOUT_S = 30.0  # a worker's start-up: interpreter, preloads, layer probe
 READY_TIMEOUT_S = 10.0  # a worker's next child after the previous one ended
 ENDED_TIMEOUT_S = 5.0  # SIGKILL and reap of a child, when its exit status is needed
@@ -388,44 +390,108 @@ def _write_all(fd: int, data: bytes, deadline: float) -> None:
             raise OSError("the child did not read its request in time")
 
 
-def _sweep_stale_roots(base: str) -> None:
-    """Remove pool roots (named ``<pid>-…``) left behind by processes that are gone. Runs
-    in the background; nothing it meets can stop this server's start."""
+ROOT_LOCK_SUFFIX = ".lock"
+# A root with no lock file is a leftover of an older version or of a start that crashed before
+# it took its lock; it is swept by the pid in its name, and only once it is this old.
+UNLOCKED_ROOT_AGE_S = 600.0
+
+
+def _owner_gone(lock_path: str) -> bool:
+    """True when no process holds the lock of a pool root any more. ``flock`` locks belong to
+    the kernel's open file, so this holds across PID namespaces (a server in a container
+    sees other servers' pids as dead) and a lock is freed when its owner dies, however."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # also drops the lock, if it was taken
+    return True
+
+
+def _unlocked_root_stale(path: str, pid: int) -> bool:
+    """A root without a lock file: stale if old and no process of its pid is visible."""
+    try:
+        if time.time() - os.lstat(path).st_mtime < UNLOCKED_ROOT_AGE_S:
+            return False
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        return False
+    return False
+
+
+def _sweep_stale_roots(base: str, own_root: str) -> None:
+    """Remove pool roots (``<pid>-…``, each with its ``<pid>-….lock``) whose owner is gone.
+    Runs in the background; nothing it meets can stop this server's start."""
     try:
         names = os.listdir(base)
     except OSError as exc:
         log.warning("sandbox: cannot sweep %s: %s", base, exc)
         return
+    present = set(names)
     for name in names:
+        path = os.path.join(base, name)
         pid = name.split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if path == own_root or name.endswith(ROOT_LOCK_SUFFIX) or not pid.isdigit():
             continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            if not remove_tree(os.path.join(base, name)):
-                log.warning("sandbox: could not fully remove stale root %s", name)
-        except (PermissionError, OverflowError):
-            pass
+        lock = name + ROOT_LOCK_SUFFIX
+        if lock in present:
+            stale = _owner_gone(os.path.join(base, lock))
+        else:
+            stale = _unlocked_root_stale(path, int(pid))
+        if not stale:
+            continue
+        if not remove_tree(path):
+            log.warning("sandbox: could not fully remove stale root %s", name)
+        elif lock in present:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(base, lock))
 
 
-def _make_root(base: str | None) -> str:
-    """This pool's own root under ``base`` (or a private temporary one if ``base`` cannot
-    be used); stale roots there are swept in the background."""
+def _make_root(base: str | None) -> tuple[str, int | None]:
+    """This pool's own root under ``base`` and the descriptor holding its lock (or a private
+    temporary root, without a lock, if ``base`` cannot be used); stale roots there are swept
+    in the background. The lock file is made and locked before the root exists, so a sweep
+    never takes a root that is being made for one that was left behind."""
     base = base or os.path.join(tempfile.gettempdir(), "tracefix-sandbox")
+    lock_fd: int | None = None
     try:
         os.makedirs(base, mode=0o711, exist_ok=True)
-        root = tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base)
+        lock_fd, lock_path = tempfile.mkstemp(
+            prefix=f"{os.getpid()}-", suffix=ROOT_LOCK_SUFFIX, dir=base
+        )
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        root = lock_path[: -len(ROOT_LOCK_SUFFIX)]
+        os.mkdir(root, 0o700)
     except OSError as exc:
+        if lock_fd is not None:
+            os.close(lock_fd)
+            lock_fd = None
         fallback = tempfile.mkdtemp(prefix=f"tracefix-sandbox-{os.getpid()}-")
         log.warning("sandbox: cannot use %s (%s); using %s", base, exc, fallback)
         root = fallback
     else:
         threading.Thread(
-            target=_sweep_stale_roots, args=(base,), name="sandbox-sweep", daemon=True
+            target=_sweep_stale_roots, args=(base, root), name="sandbox-sweep", daemon=True
         ).start()
     os.chmod(root, 0o711)  # children that dropped root must reach their workdir
-    return root
+    return root, lock_fd
+
+
+def _remove_root(root: str, lock_fd: int | None) -> None:
+    """Remove a pool's root, then its lock file, then release the lock."""
+    remove_tree(root)
+    if lock_fd is not None:
+        with contextlib.suppress(OSError):
+            os.unlink(root + ROOT_LOCK_SUFFIX)
+        with contextlib.suppress(OSError):
+            os.close(lock_fd)
 
 
 class ZygotePool:
@@ -449,7 +515,7 @@ class ZygotePool:
         self.size = workers or default_workers()
         self.queue_timeout_s = queue_timeout_s
         self.max_queue = max_queue
-        self.root = _make_root(root or os.environ.get(SANDBOX_ROOT_ENV))
+        self.root, self._root_lock = _make_root(root)
         self._options = {"no_landlock": not landlock, "no_seccomp": not seccomp,
                          "no_uid_drop": not uid_drop}  # fmt: skip
         layers.set_dumpable(False)  # same-uid children cannot read /proc/<server>/*
@@ -475,7 +541,7 @@ class ZygotePool:
             for worker in started:
                 worker.kill()
                 worker.close_pidfd()
-            remove_tree(self.root)
+            _remove_root(self.root, self._root_lock)
             raise
         self._workers.extend(started)
         self._idle.extend(started)
@@ -842,7 +908,7 @@ class ZygotePool:
             graveyard, self._graveyard = self._graveyard, []
         for worker in graveyard:
             worker.close_pidfd()
-        remove_tree(self.root)
+        _remove_root(self.root, self._root_lock)
 
 
 def _classify(status: int, cpu_s: float, limits: Limits) -> tuple[int | None, int | None]:

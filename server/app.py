@@ -1,153 +1,182 @@
-"""HTTP and WebSocket server for tracefix_rl.
+"""HTTP and WebSocket server for tracefix_rl: the app factory and the ``server`` command.
 
-Built on openenv-core's ``create_app`` (``/mcp``, ``/metadata``, ``/docs``, and the
+Built on openenv's FastAPI app (``/mcp``, ``/metadata``, ``/docs``, the Task API, and the
 ``/web`` playground when ``ENABLE_WEB_INTERFACE`` is set), with these routes replaced or added:
 
 * ``/ws``: WebSocket sessions (``server.ws``), openenv's protocol with a hard session cap,
   idle reaping that closes the socket, a message size limit, and cancellation of a
   disconnected client's evaluation.
-
-* ``POST /reset``, ``POST /step``, ``GET /state``: *stateful* HTTP episodes. Upstream
-  builds a new environment per HTTP request; here ``/reset`` stores the episode under its
-  ``episode_id`` and ``/step`` continues the episode named by ``episode_id`` in the body
-  (or, when absent, the one named by the cookie ``/reset`` set for this client; else 400).
-* Every HTTP body over ``MAX_REQUEST_BYTES`` is answered 413 unread (``BodyLimit``), and
-  every error answer is encodable JSON, never a 5xx for a bad request (``server.responses``).
+* ``POST /reset``, ``POST /step``, ``GET /state``: *stateful* HTTP episodes (``server.routes``,
+  stored by ``server.episodes``), keyed by ``episode_id`` or the cookie ``/reset`` sets.
+* Every HTTP body over ``MAX_REQUEST_BYTES`` is answered 413 unread (``server.middleware``),
+  and every error answer is encodable JSON, never a 5xx for a bad request
+  (``server.responses``).
 * ``GET /schema`` with the real state schema, ``GET /health`` with sandbox and task facts,
   ``GET /tasks`` listing task ids for building datasets of reset arguments.
 
-Configuration (environment variables): ``PORT`` (8000), ``HOST`` (0.0.0.0),
-``MAX_CONCURRENT_ENVS`` (64 WebSocket sessions), ``SESSION_TIMEOUT_S`` (600, idle WS
-sessions are reaped), ``HTTP_MAX_EPISODES`` (256), ``HTTP_EPISODE_TTL_S`` (600),
-``HTTP_EPISODE_GRACE_S`` (300), ``MAX_REQUEST_BYTES`` (1 MiB),
-``LOG_LEVEL`` (INFO); see also ``tasks.py`` and ``sandbox.py``.
+Configuration: ``tracefix_rl.settings`` (the README's Configuration table), read once.
 
-Modules: ``routes`` (the HTTP routes), ``episodes`` (the HTTP episode store),
-``middleware``, ``loader`` (tasks and sandbox load while the app is built), ``startup``,
-``ws`` (the WebSocket sessions), ``serve`` (uvicorn and the graceful shutdown).
+How it starts (``main()``, the ``server`` command and ``python -m tracefix_rl.server.app``):
+
+1. read and validate the settings; a bad value ends the process with a message naming the
+   variable (exit status 1, no traceback);
+2. start the sandbox workers and the task loading in a thread (``server.loader``);
+3. meanwhile import and build the app (:func:`create_tracefix_app`);
+4. serve it (``server.serve``): the app's lifespan waits for the tasks before uvicorn
+   accepts a connection; SIGTERM/SIGINT shut down gracefully and close the sandbox.
+
+Importing this module starts nothing and imports only light modules (the app's modules are
+imported when an app is built). ``app``, the module attribute that ``openenv.yaml``
+(``server.app:app``) and ``uvicorn tracefix_rl.server.app:app`` use, is built from the
+environment's settings on first access; its lifespan then starts the workers and loads the
+tasks, and closes the sandbox at shutdown.
 """
 
-from tracefix_rl import sandbox  # light; tracefix_rl.server already deferred the MCP runtime
-
-sandbox.prewarm()  # the zygote workers boot while openenv and fastapi import below
-
-from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out, see models.py)
-
-# isort: split
+from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI
-from openenv.core.env_server.http_server import create_app
-from openenv.core.env_server.types import ConcurrencyConfig
+from tracefix_rl import sandbox
+from tracefix_rl.server.loader import TaskLoader, install_lifespan
+from tracefix_rl.settings import Settings, SettingsError, load_settings
 
-from tracefix_rl.environment import TraceFixEnvironment
-from tracefix_rl.models import TraceFixAction, TraceFixObservation
-from tracefix_rl.server import serve, startup
-from tracefix_rl.server.episodes import HttpEpisodes
-from tracefix_rl.server.loader import TaskLoader
-from tracefix_rl.server.middleware import BodyLimit, QuietWebSocketClose
-from tracefix_rl.server.responses import install_error_handlers
-from tracefix_rl.server.routes import register_http_routes
-from tracefix_rl.server.ws import WebSocketSessions, register_ws_route
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("tracefix_rl.server")
 
-DEFAULT_PORT = 8000
-DEFAULT_HOST = "0.0.0.0"
-DEFAULT_MAX_CONCURRENT_ENVS = 64
-DEFAULT_SESSION_TIMEOUT_S = 600.0
-DEFAULT_HTTP_MAX_EPISODES = 256
-DEFAULT_HTTP_EPISODE_TTL_S = 600.0
-# A full store evicts an unfinished episode only after this long without a step. It must
-# outlast an agent's slowest normal pause between steps: inference.py's worst case is
-# LLM_TIMEOUT_S 60 s x (1 + LLM_MAX_RETRIES 3) plus backoff, about 245 s. Evicting loses an
-# agent's episode for good, while a 503 carries Retry-After and costs a retry, so the grace
-# errs long; at half the TTL it still bounds a lockout by idle episodes to 5 minutes.
-DEFAULT_HTTP_EPISODE_GRACE_S = 300.0
-DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+ENV_NAME = "tracefix_rl"
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
-    if value <= 0:
-        raise SystemExit(f"{name} must be positive, got {raw!r}")
-    return value
+def create_tracefix_app(settings: Settings, loader: TaskLoader | None = None) -> FastAPI:
+    """Build the ASGI app configured by ``settings``; starts nothing.
 
+    Its lifespan starts ``loader`` (a new :class:`TaskLoader` of ``settings`` when None;
+    ``main()`` passes the one it already started), waits for the tasks before the server
+    accepts connections, and closes the sandbox at shutdown. ``app.state`` holds
+    ``http_episodes``, ``ws_sessions`` and ``max_request_bytes`` for ``server.serve``.
+    """
+    # The app's modules are imported here, not at the top: main() starts the sandbox
+    # workers first, so they boot while these import (bench/coldstart_bench.py).
+    from tracefix_rl import models  # noqa: F401  (before openenv: keeps gradio out)
 
-def create_tracefix_app() -> FastAPI:
-    """Build the ASGI app and register every route; tasks and sandbox load meanwhile and
-    are ready before the server accepts its first connection."""
-    loader = TaskLoader()
+    # isort: split
+
+    from openenv.core.env_server.types import ConcurrencyConfig
+
+    from tracefix_rl.environment import TraceFixEnvironment
+    from tracefix_rl.models import TraceFixAction, TraceFixObservation
+    from tracefix_rl.server import startup
+    from tracefix_rl.server.episodes import HttpEpisodes
+    from tracefix_rl.server.middleware import BodyLimit, QuietWebSocketClose
+    from tracefix_rl.server.responses import install_error_handlers
+    from tracefix_rl.server.routes import register_http_routes
+    from tracefix_rl.server.ws import WebSocketSessions, register_ws_route
+
+    loader = loader or TaskLoader(settings)
+
+    def new_environment() -> TraceFixEnvironment:
+        """An environment of ``settings``' episode length, in the sandbox and task registry
+        the lifespan loaded. openenv makes a few while the app is built, to inspect them;
+        those have neither (and would fall back to the process-wide ones if used)."""
+        return TraceFixEnvironment(registry=loader.registry, sandbox=loader.sandbox,
+                                   max_steps=settings.max_steps)  # fmt: skip
+
     concurrency = ConcurrencyConfig(
-        max_concurrent_envs=int(_env_number("MAX_CONCURRENT_ENVS", DEFAULT_MAX_CONCURRENT_ENVS)),
-        session_timeout=_env_number("SESSION_TIMEOUT_S", DEFAULT_SESSION_TIMEOUT_S),
+        max_concurrent_envs=settings.max_concurrent_envs,
+        session_timeout=settings.session_timeout_s,
     )
-    app = create_app(
-        TraceFixEnvironment,
-        TraceFixAction,
-        TraceFixObservation,
-        env_name="tracefix_rl",
-        concurrency_config=concurrency,
-    )
-    ttl_s = _env_number("HTTP_EPISODE_TTL_S", DEFAULT_HTTP_EPISODE_TTL_S)
-    episodes = HttpEpisodes(
-        capacity=int(_env_number("HTTP_MAX_EPISODES", DEFAULT_HTTP_MAX_EPISODES)),
-        ttl_s=ttl_s,
-        grace_s=min(ttl_s, _env_number("HTTP_EPISODE_GRACE_S", DEFAULT_HTTP_EPISODE_GRACE_S)),
-    )
-    app.state.http_episodes = episodes
-    # Largest HTTP body or WebSocket message accepted (the code file itself is capped at
-    # 20,000 characters, so 1 MiB leaves ample room for JSON escaping).
-    app.state.max_request_bytes = int(_env_number("MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES))
-    app.router.on_startup.insert(0, loader.wait)
-    app.add_middleware(QuietWebSocketClose)
-    app.add_middleware(BodyLimit, max_bytes=app.state.max_request_bytes)
-    install_error_handlers(app)
-    register_http_routes(app, episodes)
-    sessions = WebSocketSessions(
-        capacity=concurrency.max_concurrent_envs,
-        idle_timeout_s=concurrency.session_timeout or DEFAULT_SESSION_TIMEOUT_S,
-        max_message_bytes=app.state.max_request_bytes,
-    )
-    register_ws_route(app, sessions)
-    app.openapi_schema = None
+    with startup.no_pydantic_v1():
+        app = _openenv_app(settings, new_environment, TraceFixAction, TraceFixObservation,
+                           concurrency)  # fmt: skip
+        episodes = HttpEpisodes(
+            capacity=settings.http_max_episodes,
+            ttl_s=settings.http_episode_ttl_s,
+            grace_s=min(settings.http_episode_ttl_s, settings.http_episode_grace_s),
+        )
+        app.state.http_episodes = episodes
+        app.state.max_request_bytes = settings.max_request_bytes
+        install_lifespan(app, loader)
+        app.add_middleware(QuietWebSocketClose)
+        app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+        install_error_handlers(app)
+        register_http_routes(app, episodes, new_environment)
+        sessions = WebSocketSessions(
+            capacity=settings.max_concurrent_envs,
+            idle_timeout_s=settings.session_timeout_s,
+            max_message_bytes=settings.max_request_bytes,
+            env_factory=new_environment,
+        )
+        register_ws_route(app, sessions)
+        app.openapi_schema = None
     return app
 
 
-with startup.no_pydantic_v1():
-    app = create_tracefix_app()
+def _openenv_app(settings: Settings, new_environment: Any, action: type, observation: type,
+                 concurrency: Any) -> FastAPI:  # fmt: skip
+    """openenv's app, with the web playground when ``settings`` enable it (openenv's own
+    ``create_app`` would read ``ENABLE_WEB_INTERFACE`` from the environment itself)."""
+    if settings.enable_web_interface:
+        from tracefix_rl.models import allow_web_interface
+
+        allow_web_interface()
+        from openenv.core.env_server.web_interface import create_web_interface_app
+
+        return create_web_interface_app(new_environment, action, observation, ENV_NAME,
+                                        concurrency_config=concurrency)  # fmt: skip
+    from openenv.core.env_server.http_server import create_fastapi_app
+
+    return create_fastapi_app(new_environment, action, observation, env_name=ENV_NAME,
+                              concurrency_config=concurrency)  # fmt: skip
 
 
-def main() -> None:
-    """Console entry point: ``server [--host H] [--port P]``."""
+def __getattr__(name: str) -> Any:
+    """``app``: built from the environment's settings on first access (see the module
+    docstring), then kept."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    built = create_tracefix_app(load_settings())
+    globals()["app"] = built
+    return built
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``server [--host H] [--port P] [--log-level L]``; options override the settings."""
     parser = argparse.ArgumentParser(prog="server", description="Run the tracefix_rl server.")
-    parser.add_argument("--host", default=os.environ.get("HOST", DEFAULT_HOST))
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", DEFAULT_PORT)))
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO").upper())
-    args = parser.parse_args()
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    log.info("starting on %s:%d", args.host, args.port)
+    parser.add_argument("--host", help="listen address (default: HOST, else 0.0.0.0)")
+    parser.add_argument("--port", help="TCP port (default: PORT, else 8000)")
+    parser.add_argument("--log-level", help="log level (default: LOG_LEVEL, else INFO)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: read the settings, start loading, build the app and serve it (see
+    the module docstring). A bad setting ends the process with its message on stderr."""
+    args = parse_args(argv)
+    options = {"host": args.host, "port": args.port, "log_level": args.log_level}
+    try:
+        settings = load_settings({k: v for k, v in options.items() if v is not None})
+    except SettingsError as exc:
+        raise SystemExit(f"tracefix_rl: invalid configuration:\n{exc}") from None
+    logging.basicConfig(level=settings.log_level, stream=sys.stderr, format=LOG_FORMAT)
+    loader = TaskLoader(settings)
+    loader.start()
+    app = create_tracefix_app(settings, loader)
+    from tracefix_rl.server import serve
+
+    log.info("starting on %s:%d", settings.host, settings.port)
     serve.run(
         app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        max_message_bytes=app.state.max_request_bytes,
-        ws_compression=os.environ.get("WS_COMPRESSION", "").strip().lower() in ("1", "true", "yes"),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level.lower(),
+        max_message_bytes=settings.max_request_bytes,
+        ws_compression=settings.ws_compression,
         sessions=app.state.ws_sessions,
         close_episodes=app.state.http_episodes.close,
         close_sandbox=sandbox.close_sandbox,

@@ -252,8 +252,13 @@ def _mcp_route(openenv_mcp: Callable[[Request], Awaitable[Any]]):
 # -- routes -----------------------------------------------------------------------------------
 
 
-def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
-    """Replace openenv's stateless HTTP routes with stateful ones and add the info routes."""
+def register_http_routes(
+    app: FastAPI,
+    episodes: HttpEpisodes,
+    new_environment: Callable[[], TraceFixEnvironment] = TraceFixEnvironment,
+) -> None:
+    """Replace openenv's stateless HTTP routes with stateful ones and add the info routes;
+    ``/reset`` plays each episode in an environment made by ``new_environment``."""
     openenv_mcp = _openenv_endpoint(app, "/mcp")
     remove_routes(app, REPLACED_ROUTES)
     document_task_api(app)
@@ -302,7 +307,7 @@ def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
             episodes.make_room()  # refuse before doing the work
         except EpisodeStoreFull as exc:
             raise store_full(exc) from None
-        env = TraceFixEnvironment(registry=get_registry(), sandbox=get_sandbox())
+        env = new_environment()
         try:
             observation = await in_thread(
                 env.reset, **args.model_dump(include=set(ResetArgs.model_fields))
@@ -452,7 +457,7 @@ def register_http_routes(app: FastAPI, episodes: HttpEpisodes) -> None:
         ]
         return {"total": len(ids), "offset": offset, "limit": limit, "tasks": rows}
 
-    metadata_doc = TraceFixEnvironment().get_metadata()  # needs neither tasks nor sandbox
+    metadata_doc = new_environment().get_metadata()  # needs neither tasks nor sandbox
 
     @json_route("/metadata", methods=["GET"], tags=["Environment Info"],
                 response_model=EnvironmentMetadata, responses=documented())  # fmt: skip

@@ -14,22 +14,38 @@ curated or imported task goes through the same checks:
 A task that fails a check is reported (file, line, reason) and skipped. Generated tasks were
 validated when generated; they are loaded while their program is unchanged.
 Command line: ``python -m tracefix_rl.tasks list|stats|validate|export|generate``.
+
+The names below are imported on first use (``from tracefix_rl.tasks import Task``), so that
+importing one module of the package, such as :mod:`.vocabulary`, imports nothing else.
 """
 
-from tracefix_rl.tasks.oracle import evaluate, oracle_check, program_digest
-from tracefix_rl.tasks.registry import (
-    SPLITS,
-    TaskRegistry,
-    TaskSelectionError,
-    get_registry,
-    load_registry,
-    split_of,
-)
-from tracefix_rl.tasks.schema import Task, TaskProblem, TaskSpec, TaskTest, parse_task
-from tracefix_rl.tasks.sources import BUILTIN_DIR, GENERATED_CORPUS, TASKS_ENV
+from __future__ import annotations
 
-__all__ = [
-    "BUILTIN_DIR", "GENERATED_CORPUS", "SPLITS", "TASKS_ENV", "Task", "TaskProblem",
-    "TaskRegistry", "TaskSelectionError", "TaskSpec", "TaskTest", "evaluate", "get_registry",
-    "load_registry", "oracle_check", "parse_task", "program_digest", "split_of",
-]  # fmt: skip
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "evaluate": "oracle", "oracle_check": "oracle", "program_digest": "oracle",
+    "TaskRegistry": "registry", "TaskSelectionError": "registry", "get_registry": "registry",
+    "load_registry": "registry", "split_of": "registry",
+    "Task": "schema", "TaskProblem": "schema", "TaskSpec": "schema", "TaskTest": "schema",
+    "parse_task": "schema",
+    "BUILTIN_DIR": "sources", "GENERATED_CORPUS": "sources", "TASKS_ENV": "sources",
+    "DIFFICULTIES": "vocabulary", "SPLITS": "vocabulary", "Difficulty": "vocabulary",
+    "Split": "vocabulary",
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,5 +1,5 @@
 """``python -m tracefix_rl.tasks list|stats|validate|export|generate`` (honours
-``TRACEFIX_TASKS``)."""
+``TRACEFIX_TASKS`` and the ``SANDBOX_*`` settings, read by ``tracefix_rl.settings``)."""
 
 from tracefix_rl import models  # noqa: F401  (first: keeps gradio out)
 
@@ -8,7 +8,6 @@ from tracefix_rl import models  # noqa: F401  (first: keeps gradio out)
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections import Counter
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tracefix_rl.sandbox import get_sandbox
+from tracefix_rl.settings import SettingsError, load_settings
 from tracefix_rl.tasks.generate import (
     DEFAULT_PER_PROGRAM,
     DEFAULT_SEED,
@@ -27,7 +27,7 @@ from tracefix_rl.tasks.generate import (
 from tracefix_rl.tasks.oracle import buggy_verdict, check_buggy
 from tracefix_rl.tasks.registry import TaskRegistry, load_registry
 from tracefix_rl.tasks.schema import SOURCE_GENERATED, Task, TaskProblem
-from tracefix_rl.tasks.sources import GENERATED_CORPUS, TASKS_ENV
+from tracefix_rl.tasks.sources import GENERATED_CORPUS
 
 
 def _row(task: Task) -> dict[str, Any]:
@@ -89,7 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-program", type=int, default=DEFAULT_PER_PROGRAM,
                         help="generate: tasks kept per reference program")  # fmt: skip
     args = parser.parse_args(argv)
-    extra = os.environ.get(TASKS_ENV) or None
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"tracefix_rl: invalid configuration:\n{exc}") from None
+    extra = settings.tracefix_tasks
+    get_sandbox(settings)  # the process-wide sandbox every step below uses
 
     if args.command == "generate":
         started = time.monotonic()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,18 +11,18 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from tracefix_rl.models import DIFFICULTIES, SPLITS
 from tracefix_rl.sandbox import SandboxBackend, get_sandbox
+from tracefix_rl.settings import Settings, environment_settings
 from tracefix_rl.tasks.generate import read_corpus
 from tracefix_rl.tasks.oracle import oracle_check, program_digest
 from tracefix_rl.tasks.schema import SOURCE_GENERATED, Task, TaskProblem, parse_task
 from tracefix_rl.tasks.sources import (
     BUILTIN_DIR,
     GENERATED_CORPUS,
-    TASKS_ENV,
     read_entries,
     task_files,
 )
+from tracefix_rl.tasks.vocabulary import DIFFICULTIES, SPLITS
 
 log = logging.getLogger("tracefix_rl.tasks")
 
@@ -162,7 +161,7 @@ def load_generated(registry: TaskRegistry, corpus: Path) -> None:
 
 
 def load_registry(
-    extra: str | None = None,
+    extra: str | Path | None = None,
     sandbox: SandboxBackend | None = None,
     builtin_dir: Path = BUILTIN_DIR,
     corpus: Path | None = GENERATED_CORPUS,
@@ -214,11 +213,15 @@ _registry: TaskRegistry | None = None
 _registry_lock = threading.Lock()
 
 
-def get_registry() -> TaskRegistry:
-    """The process-wide registry (built-ins + ``TRACEFIX_TASKS`` + generated), loaded once."""
+def get_registry(settings: Settings | None = None) -> TaskRegistry:
+    """The process-wide registry (built-ins + ``settings.tracefix_tasks`` + generated), loaded
+    on the first call, in the process-wide sandbox: with ``settings`` (a server passes its own,
+    at start-up), else with ``settings.environment_settings()``. Later calls return it
+    whatever they pass."""
     global _registry
     with _registry_lock:
         if _registry is None:
-            _registry = load_registry(os.environ.get(TASKS_ENV) or None)
+            settings = settings or environment_settings()
+            _registry = load_registry(settings.tracefix_tasks, sandbox=get_sandbox(settings))
             log.info("loaded %d tasks (%d skipped)", len(_registry.tasks), len(_registry.problems))
         return _registry

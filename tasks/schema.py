@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tracefix_rl.models import Difficulty
 from tracefix_rl.sandbox import canonical
+from tracefix_rl.tasks.vocabulary import Difficulty
 
 MAX_CODE_CHARS = 20_000
 TEST_NAME_CHARS = 80

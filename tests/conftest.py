@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +21,7 @@ from tracefix_rl import models  # noqa: E402,F401  (first: keeps gradio out of t
 # isort: split
 
 from tracefix_rl.environment import TraceFixEnvironment  # noqa: E402
+from tracefix_rl.procs import free_port, stop_process_group  # noqa: E402,F401  (re-exported)
 from tracefix_rl.server import SERVER_MODULE  # noqa: E402
 from tracefix_rl.tasks import TaskRegistry, get_registry  # noqa: E402
 
@@ -41,12 +40,6 @@ def make_env(registry: TaskRegistry):
         return TraceFixEnvironment(registry=registry)
 
     return factory
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
@@ -95,15 +88,25 @@ class ServerProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc)
         self._log.close()
         self.log_path.unlink(missing_ok=True)
+
+
+def run_refused_server(
+    env_changes: dict[str, str | None], timeout: float = 120
+) -> subprocess.CompletedProcess:
+    """Run a server expected to refuse to start; ``None`` values unset a variable."""
+    env = {**os.environ, "LOG_LEVEL": "WARNING"}
+    for name, value in env_changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    return subprocess.run(
+        [sys.executable, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(free_port())],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, ServerProcess
+from tests.conftest import ServerProcess
+from tracefix_rl.procs import children_of
 from tracefix_rl.sandbox.cleanup import remove_tree
-
-sys.path.insert(0, str(REPO / "bench"))
-
-import soak_bench  # noqa: E402
 
 DEPTH = 20_000  # far past Python's recursion limit and PATH_MAX
 
@@ -114,8 +111,12 @@ def test_stale_roots_never_block_a_start(tmp_path):
     dead.wait()  # its pid names a stale root: a crashed server's
     stale = base / f"{dead.pid}-crashed"
     stale.mkdir()
+    (base / f"{dead.pid}-crashed.lock").touch()  # its lock died with it
     build_hostile_tree(stale / "w1", victim)
     os.chmod(stale, 0o500)
+    old = base / f"{dead.pid}-unlocked"  # a root from before roots had locks, long ago
+    (old / "w1").mkdir(parents=True)
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
     alive = base / f"{os.getpid()}-running"  # a root of a server that is still running
     (alive / "w1").mkdir(parents=True)
     (base / "not-a-root").write_text("someone else's file")
@@ -123,15 +124,43 @@ def test_stale_roots_never_block_a_start(tmp_path):
     try:
         assert httpx.get(f"{server.url}/health").json()["status"] == "healthy"
         deadline = time.monotonic() + 60  # the sweep runs in the background
-        while stale.exists():
+        while stale.exists() or old.exists():
             assert time.monotonic() < deadline, "the stale root was never removed"
             time.sleep(0.1)
+        assert not (base / f"{dead.pid}-crashed.lock").exists()
         assert (alive / "w1").is_dir() and (base / "not-a-root").exists()
         assert (victim / "keep.txt").read_text() == "keep me"
         body = {"task_id": "sum_of_evens_wrong_modulus", "episode_id": "after-sweep"}
         assert httpx.post(f"{server.url}/reset", json=body).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_root_whose_owner_lives_is_never_swept_whatever_its_pid(tmp_path):
+    """Ownership is the lock, not the pid: from a container's PID namespace every server
+    outside it looks dead, and a server started there once swept the live root of the
+    test process (issue 11)."""
+    import fcntl
+
+    base = tmp_path / "sandbox"
+    base.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # the pid a server in another PID namespace would seem to have
+    lock = os.open(base / f"{dead.pid}-elsewhere.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    (base / f"{dead.pid}-elsewhere" / "w1").mkdir(parents=True)
+    try:
+        from tracefix_rl.sandbox.pool import _sweep_stale_roots
+
+        _sweep_stale_roots(str(base), own_root="")
+        assert (base / f"{dead.pid}-elsewhere" / "w1").is_dir()
+        os.close(lock)  # the owner ends: now it is stale
+        lock = -1
+        _sweep_stale_roots(str(base), own_root="")
+        assert list(base.iterdir()) == []
+    finally:
+        if lock >= 0:
+            os.close(lock)
 
 
 def test_an_unusable_sandbox_root_falls_back(tmp_path):
@@ -146,7 +175,7 @@ def test_an_unusable_sandbox_root_falls_back(tmp_path):
 
 
 def workers_of(server: ServerProcess) -> list[int]:
-    return soak_bench.children(server.proc.pid)
+    return children_of(server.proc.pid)
 
 
 def test_health_is_truthful_while_workers_are_replaced():
@@ -189,10 +218,10 @@ def test_as_pid_1_the_server_reaps_the_orphans_of_a_dead_worker():
               "tracefix_rl.server.app"],
     )  # fmt: skip
     try:
-        (inner,) = children(server.proc.pid)  # unshare's child: PID 1 in its namespace
-        workers = children(inner)
+        (inner,) = children_of(server.proc.pid)  # unshare's child: PID 1 in its namespace
+        workers = children_of(inner)
         assert len(workers) == 2
-        (waiting,) = children(workers[0])
+        (waiting,) = children_of(workers[0])
         os.kill(workers[0], signal.SIGKILL)  # its waiting child dies too (parent-death signal)
         deadline = time.monotonic() + 10
         while Path(f"/proc/{workers[0]}").exists():  # the supervisor reaps the worker
@@ -202,21 +231,17 @@ def test_as_pid_1_the_server_reaps_the_orphans_of_a_dead_worker():
             assert time.monotonic() < deadline, (waiting, zombies_of(inner))
             time.sleep(0.05)
         assert zombies_of(inner) == []
-        while len(children(inner)) < 2:  # and the dead worker was replaced
-            assert time.monotonic() < deadline, children(inner)
+        while len(children_of(inner)) < 2:  # and the dead worker was replaced
+            assert time.monotonic() < deadline, children_of(inner)
             time.sleep(0.05)
         assert httpx.get(f"{server.url}/health", timeout=10).status_code in (200, 503)
     finally:
         server.stop()
 
 
-def children(pid: int) -> list[int]:
-    return soak_bench.children(pid)
-
-
 def zombies_of(pid: int) -> list[int]:
     found = []
-    for child in children(pid):
+    for child in children_of(pid):
         try:
             if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
                 found.append(child)

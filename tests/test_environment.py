@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from tracefix_rl.environment import (
-    INVALID_ACTION_PENALTY,
-    REWARD_RANGE,
-    STEP_COST,
-    TraceFixEnvironment,
-    reindent,
-)
+from tracefix_rl.environment import TraceFixEnvironment
+from tracefix_rl.episode.editor import UNDO_DEPTH, UNDO_MAX_BYTES, reindent
+from tracefix_rl.episode.reward import INVALID_ACTION_PENALTY, REWARD_RANGE, STEP_COST
 from tracefix_rl.models import TraceFixAction
 from tracefix_rl.tasks import TaskRegistry, TaskSelectionError
 
@@ -172,7 +168,7 @@ def test_replace_lines_invalid_forms(env):
     before = code_of(env.step(act("VIEW_CODE")))
     count = len(before)
     for fields, message in (
-        ({"end_line": 2, "new_code_block": "x"}, "needs start_line and end_line"),
+        ({"end_line": 2, "new_code_block": "x"}, "REPLACE_LINES needs start_line ("),
         ({"start_line": 2, "end_line": 2}, "needs new_code_block"),
         ({"start_line": 0, "end_line": 1, "new_code_block": "x"}, "start_line 0 is outside"),
         ({"start_line": 3, "end_line": 1, "new_code_block": "x"}, "end_line 1 must be"),
@@ -197,26 +193,28 @@ def test_syntax_error_is_flagged_and_graded_as_failure(env):
 def test_undo_history_is_bounded_in_size(env):
     import sys
 
-    from tracefix_rl.environment import UNDO_DEPTH, UNDO_MAX_BYTES
-
     big = "\n".join(f"x{i} = {'9' * 90}" for i in range(180))  # ~18,000 characters
     versions = []
     for n in range(25):
-        obs = env.step(act("REPLACE_LINES", start_line=1, end_line=len(env._lines),
+        obs = env.step(act("REPLACE_LINES", start_line=1, end_line=len(env.episode.editor.lines),
                            new_code_block=f"# version {n}\n" + big))  # fmt: skip
         assert obs.last_action_error is None
         versions.append(code_of(obs))
-    assert sum(map(sys.getsizeof, env._history)) <= UNDO_MAX_BYTES
-    assert len(env._history) <= UNDO_DEPTH
-    kept = len(env._history)
+    assert sum(map(sys.getsizeof, env.episode.editor.history)) <= UNDO_MAX_BYTES
+    assert len(env.episode.editor.history) <= UNDO_DEPTH
+    kept = len(env.episode.editor.history)
     assert 1 <= kept < 25
     for expected in reversed(versions[-kept - 1 : -1]):
         assert code_of(env.step(act("UNDO_EDIT"))) == expected
     assert env.step(act("UNDO_EDIT")).last_action_error == "nothing to undo"
-    env.step(act("REPLACE_LINES", start_line=1, end_line=len(env._lines), new_code_block=""))
-    assert env._lines == []
+    env.step(
+        act(
+            "REPLACE_LINES", start_line=1, end_line=len(env.episode.editor.lines), new_code_block=""
+        )
+    )
+    assert env.episode.editor.lines == []
     env.step(act("REPLACE_LINES", start_line=1, end_line=0, new_code_block="x = 1"))
-    assert code_of(env.step(act("UNDO_EDIT"))) == [] and env._lines == []
+    assert code_of(env.step(act("UNDO_EDIT"))) == [] and env.episode.editor.lines == []
 
 
 def test_undo_and_reset_to_original(env, registry):
@@ -257,10 +255,10 @@ def test_max_steps_truncates_and_grades(make_env):
     assert "Reached max_steps" in obs.last_execution_output
 
 
-def test_max_steps_default_from_environment(make_env, monkeypatch):
-    monkeypatch.setenv("MAX_STEPS", "7")
-    env = make_env()
+def test_max_steps_default_is_the_constructor_argument(registry: TaskRegistry):
+    env = TraceFixEnvironment(registry=registry, max_steps=7)
     assert env.reset(task_id=TASK).steps_remaining == 7 and env.state.max_steps == 7
+    assert env.reset(task_id=TASK, max_steps=3).steps_remaining == 3
 
 
 def test_timing_out_and_crashing_submissions_fail_cleanly(make_env):
@@ -432,10 +430,40 @@ def test_busy_sandbox_is_reported_without_penalty(registry: TaskRegistry):
 
 
 def test_one_evaluation_in_flight_per_episode(env):
-    env._evaluating.acquire()
+    env._grader._evaluating.acquire()
     try:
         obs = env.step(act("RUN_TESTS"))
         assert obs.last_action_error == "an evaluation is already running for this episode"
     finally:
-        env._evaluating.release()
+        env._grader._evaluating.release()
     assert env.step(act("RUN_TESTS")).last_action_error is None
+
+
+def test_busy_sandbox_at_max_steps_keeps_the_episode_open(registry: TaskRegistry):
+    """The final grading at max_steps meets a busy sandbox as SUBMIT does: reported in the
+    observation (never raised), and retried by the next step."""
+    import threading
+
+    from tracefix_rl.sandbox import EvalRequest, Limits, ZygotePool
+
+    box = ZygotePool(limits=Limits(wall_s=3.0), workers=1, queue_timeout_s=0.1)
+    env = TraceFixEnvironment(registry=registry, sandbox=box)
+    env.reset(task_id=TASK, max_steps=1)
+    hog = threading.Thread(target=box.run, args=(EvalRequest("import time", ("time.sleep(5)",)),))
+    hog.start()
+    while box.describe()["in_flight"] == 0:
+        pass
+    try:
+        obs = env.step(act("VIEW_CODE"))
+        assert not obs.done and obs.step_count == 1 and obs.reward == -STEP_COST
+        assert "max_steps reached, but the final grading failed" in obs.last_action_error
+        assert "sandbox busy" in obs.last_action_error
+        obs = env.step(act("REPLACE_LINES", start_line=1, end_line=1, new_code_block="x = 1"))
+        assert not obs.done and obs.reward == 0.0 and obs.step_count == 1
+        assert "retry the grading" in obs.last_action_error
+    finally:
+        hog.join()
+    obs = env.step(act("REPLACE_LINES", start_line=1, end_line=1, new_code_block="x = 1"))
+    assert obs.done and obs.truncated is True and obs.last_action_error is None
+    assert code_of(obs)[0] == "def sum_of_evens(nums):"  # the retry applied no action
+    box.close()

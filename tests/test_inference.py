@@ -247,3 +247,24 @@ def test_local_image_goes_through_from_docker_image(monkeypatch, server):
         assert session.reset(task_id="sum_of_evens_wrong_modulus").observation.task_id
     env.close()
     assert stopped == [True]
+
+
+def test_the_readme_lists_every_agent_variable_with_its_default():
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Baseline agent: `inference.py`") :]
+    table = section[
+        section.index("| variable |") : section.index("\n\n", section.index("| variable |"))
+    ]
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
+    assert named == {name.upper() for name in inference.AgentSettings.model_fields}
+    for name, info in inference.AgentSettings.model_fields.items():
+        if info.default is not None:
+            default = info.default if not isinstance(info.default, float) else int(info.default)
+            assert f"`{default}`" in table, name
+
+
+def test_a_bad_variable_stops_the_agent_with_its_name(llm):
+    proc = run(llm, "golden", extra_env={"LLM_TIMEOUT_S": "fast", "LLM_MAX_RETRIES": "-1"})
+    assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
+    assert "LLM_TIMEOUT_S must be a finite number > 0, got 'fast'" in proc.stderr
+    assert "LLM_MAX_RETRIES must be an integer ≥ 0, got '-1'" in proc.stderr

@@ -14,10 +14,10 @@ import re
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
+from tracefix_rl.procs import children_of
 from tracefix_rl.sandbox import EvalRequest, ZygotePool
 
 pytestmark = pytest.mark.skipif(
@@ -43,14 +43,6 @@ def memory_holds(pid: int, needles: list[bytes]) -> set[bytes]:
                 continue
             found |= {needle for needle in needles if needle in data}
     return found
-
-
-def children_of(pid: int) -> list[int]:
-    """Children started by any of ``pid``'s threads (each has its own ``children`` file)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        found += Path(f"/proc/{pid}/task/{task}/children").read_text().split()
-    return [int(p) for p in found]
 
 
 def test_no_worker_or_waiting_child_holds_anything_of_past_evaluations(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, ServerProcess
-from tracefix_rl.environment import REWARD_RANGE
+from tracefix_rl.episode.reward import REWARD_RANGE
 from tracefix_rl.tasks import TaskRegistry
 
 TEST_COMMAND = "uv run pytest"

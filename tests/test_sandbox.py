@@ -145,10 +145,15 @@ def test_pools_have_separate_roots_and_sweep_dead_ones(tmp_path):
     assert first.root != second.root
     first.close()
     assert run(second, "", "1").records == [{"i": 0, "v": 1}]
-    stale = tmp_path / "999999999-old"
+    stale = tmp_path / "999999999-old"  # a root whose owner is gone: its lock is free
     stale.mkdir()
+    (tmp_path / "999999999-old.lock").touch()
     third = ZygotePool(root=str(tmp_path), workers=1)
-    assert not stale.exists() and os.path.isdir(second.root)
+    deadline = time.monotonic() + 30  # the sweep runs in the background
+    while stale.exists():
+        assert time.monotonic() < deadline, "the stale root was never swept"
+        time.sleep(0.05)
+    assert os.path.isdir(second.root) and not (tmp_path / "999999999-old.lock").exists()
     second.close()
     third.close()
 

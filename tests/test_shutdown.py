@@ -21,6 +21,7 @@ from websockets.sync.client import connect
 
 from tests.conftest import ServerProcess
 from tests.test_ws import SLOW, TASK, WAIT_S, eventually, frame, ws_url
+from tracefix_rl.sandbox.pool import ROOT_LOCK_SUFFIX
 from tracefix_rl.server.serve import SHUTDOWN_BUDGET_S
 
 WS_SESSIONS = 3
@@ -165,7 +166,9 @@ def test_sigint_when_idle_removes_the_sandbox_root(tmp_path):
     root = tmp_path / "sandbox-root"
     proc = ServerProcess(extra_env={"SANDBOX_ROOT": str(root), "LOG_LEVEL": "INFO"})
     try:
-        assert [p.name.split("-")[0] for p in root.iterdir()] == [str(proc.proc.pid)]
+        own = sorted(p.name for p in root.iterdir())  # its root and the lock that owns it
+        assert len(own) == 2 and own[1] == own[0] + ROOT_LOCK_SUFFIX, own
+        assert own[0].split("-")[0] == str(proc.proc.pid)
         before = descendants(proc.proc.pid)
         elapsed, log = stop_and_time(proc, signal.SIGINT)
         assert elapsed < SHUTDOWN_BUDGET_S, (elapsed, log)

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-from tests.conftest import REPO, free_port
-from tracefix_rl.server import SERVER_MODULE
+from tests.conftest import REPO, run_refused_server
 
 PROBE = """
 import sys
-import tracefix_rl.server.app
+from tracefix_rl.server.app import app  # builds the app, as a server start does
 print("fastmcp loaded at start:", "fastmcp" in sys.modules)
 print("pydantic.v1 loaded at start:", "pydantic.v1" in sys.modules)
 import openenv.core.env_server as env_server
@@ -55,12 +53,7 @@ def test_pydantic_v1_is_declined_only_inside_the_block():
 
 
 def test_server_refuses_to_start_when_the_sandbox_cannot_isolate():
-    env = {**os.environ, "SANDBOX_DISABLE_SECCOMP": "1", "LOG_LEVEL": "WARNING"}
-    env.pop("SANDBOX_ALLOW_DEGRADED", None)
-    out = subprocess.run(
-        [sys.executable, "-m", SERVER_MODULE, "--host", "127.0.0.1", "--port", str(free_port())],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    out = run_refused_server({"SANDBOX_DISABLE_SECCOMP": "1", "SANDBOX_ALLOW_DEGRADED": None})
     assert out.returncode != 0
     assert "SANDBOX_ALLOW_DEGRADED=1" in out.stderr
     assert "Uvicorn running" not in out.stderr  # it never accepted connections

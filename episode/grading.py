@@ -1,0 +1,105 @@
+"""Grading: a syntax check, then the sandbox, then the judge, outside the sandbox.
+
+The sandbox returns observations only; :func:`tracefix_rl.judge.judge` turns them into a
+verdict here, in the server process. Code that does not parse never reaches the sandbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from tracefix_rl.episode.editor import SyntaxProblem
+from tracefix_rl.episode.errors import ActionError
+from tracefix_rl.judge import TestVerdict, Verdict, judge
+from tracefix_rl.sandbox import (
+    EvalRequest,
+    EvalResult,
+    EvaluationCancelled,
+    SandboxBackend,
+    SandboxBusy,
+    get_sandbox,
+)
+from tracefix_rl.tasks import Task, TaskTest
+
+log = logging.getLogger("tracefix_rl.grading")
+
+GRADING_ATTEMPTS = 3  # a busy sandbox is retried this often at SUBMIT / max_steps
+
+
+def syntax_verdict(problem: SyntaxProblem, count: int) -> Verdict:
+    """Every test fails with the parse error (code that does not parse is not run)."""
+    line, message = problem
+    return Verdict(tests=(TestVerdict(False, message, line),) * count)
+
+
+class Grader:
+    """Runs one environment's evaluations: at most one in flight, cancellable.
+
+    A ``SandboxFailure`` (busy, a fault of the sandbox's own, cancelled) propagates: the
+    environment reports it and the step does not happen.
+    """
+
+    def __init__(self, sandbox: SandboxBackend | None = None) -> None:
+        self._sandbox = sandbox
+        self._evaluating = threading.Lock()  # at most one evaluation in flight
+        self._cancel = threading.Event()  # set by cancel(): stops the evaluation in flight
+        self._closed = False
+
+    @property
+    def sandbox(self) -> SandboxBackend:
+        if self._sandbox is None:
+            self._sandbox = get_sandbox()
+        return self._sandbox
+
+    @property
+    def busy(self) -> bool:
+        """An evaluation is in flight."""
+        return self._evaluating.locked()
+
+    def cancel(self) -> None:
+        """Cancel the evaluation in flight, if any (thread-safe): a queued one is dropped, a
+        running one is killed, and its step reports the cancellation."""
+        self._cancel.set()
+
+    def close(self) -> None:
+        """Cancel the evaluation in flight and refuse later ones."""
+        self._closed = True
+        self.cancel()
+
+    def visible(self, task: Task, code: str, problem: SyntaxProblem | None) -> tuple[Verdict, str]:
+        """The verdict on ``task``'s visible tests and the output they printed (each test's
+        output headed by its name)."""
+        tests = task.visible_tests
+        if problem is not None:
+            return syntax_verdict(problem, len(tests)), ""
+        result = self._evaluate(code, tests, labels=tuple(t.name for t in tests))
+        return judge(result, task.expected_visible), result.output
+
+    def all(self, task: Task, code: str, problem: SyntaxProblem | None) -> Verdict:
+        """The verdict on every test, visible then hidden; a busy sandbox is retried
+        ``GRADING_ATTEMPTS`` times, since the final grading matters most."""
+        if problem is not None:
+            return syntax_verdict(problem, len(task.all_tests))
+        for attempt in range(GRADING_ATTEMPTS):
+            try:
+                return judge(self._evaluate(code, task.all_tests), task.expected)
+            except SandboxBusy:
+                if attempt == GRADING_ATTEMPTS - 1:
+                    raise
+                log.warning("sandbox busy while grading; retrying")
+        raise AssertionError("unreachable")
+
+    def _evaluate(
+        self, code: str, tests: tuple[TaskTest, ...], labels: tuple[str, ...] = ()
+    ) -> EvalResult:
+        if not self._evaluating.acquire(blocking=False):
+            raise ActionError("an evaluation is already running for this episode")
+        try:
+            if self._closed:
+                raise EvaluationCancelled("the environment was closed")
+            self._cancel = threading.Event()
+            request = EvalRequest(code=code, tests=tuple(t.code for t in tests), labels=labels)
+            return self.sandbox.run(request, cancel=self._cancel)
+        finally:
+            self._evaluating.release()

@@ -1,0 +1,124 @@
+"""One episode: its task, the file being fixed, the reward's potential, and what the last
+step showed. Actions change it; :meth:`Episode.observe` turns it into an observation."""
+
+from __future__ import annotations
+
+from tracefix_rl.episode import render
+from tracefix_rl.episode.editor import Editor
+from tracefix_rl.episode.grading import Grader
+from tracefix_rl.episode.reward import REWARD_DIGITS, Shaping
+from tracefix_rl.judge import Verdict
+from tracefix_rl.models import TestResult, TraceFixObservation, TraceFixState
+from tracefix_rl.tasks import Task
+
+
+class Episode:
+    """Everything one episode holds, created whole by ``reset``.
+
+    ``state`` is the wire :class:`TraceFixState`; ``editor`` the file; ``shaping`` the
+    reward's potential. ``output``, ``error``, ``focus``, ``results`` and ``tests_passed``
+    are what the last step showed; ``score``, ``solved`` and ``truncated`` are set by
+    :meth:`finish`, which ends the episode.
+    """
+
+    def __init__(self, task: Task, state: TraceFixState, grader: Grader) -> None:
+        self.task = task
+        self.state = state
+        self.editor = Editor(task.buggy_code)
+        self.shaping = Shaping(
+            phi_buggy=task.buggy_visible_passed / len(task.visible_tests),
+            score_buggy=task.buggy_all_passed / len(task.all_tests),
+        )
+        self._grader = grader
+        self._measured: tuple[str, Verdict, str] | None = None  # (code, verdict, output)
+        self.output = render.intro(task)
+        self.error: str | None = None
+        self.focus: render.Focus | None = None
+        self.results: list[TestResult] = []
+        self.tests_passed = 0
+        self.score: float | None = None
+        self.solved: bool | None = None
+        self.truncated: bool | None = None
+
+    # -- what the agent looks at -----------------------------------------------------------
+
+    def show(self, first: int, last: int) -> None:
+        """Show lines ``first..last`` next, unmarked."""
+        self.focus = (first, last, None)
+
+    def focus_on(self, line: int) -> None:
+        """Show a window around ``line`` next, marked."""
+        self.focus = render.window_around(line)
+
+    def show_results(self, verdict: Verdict) -> None:
+        """Report ``verdict`` on the visible tests (hidden tests are never shown)."""
+        self.results = [
+            TestResult(test_name=test.name, passed=v.passed, error_message=v.detail)
+            for test, v in zip(self.task.visible_tests, verdict.tests, strict=True)
+        ]
+        self.tests_passed = verdict.passed
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def measure_visible(self) -> tuple[Verdict, str]:
+        """Visible-test verdict and captured output of the current code (remembered for the
+        last code measured: re-running unchanged code does not reach the sandbox)."""
+        code = self.editor.code
+        if self._measured is None or self._measured[0] != code:
+            verdict, output = self._grader.visible(self.task, code, self.editor.syntax_problem())
+            self._measured = (code, verdict, output)
+        return self._measured[1], self._measured[2]
+
+    def finish(self, truncated: bool) -> float:
+        """Grade the current code on every test, end the episode, return the final reward.
+
+        A ``SandboxFailure`` propagates before anything changes, so the grading can be
+        retried."""
+        task = self.task
+        verdict = self._grader.all(task, self.editor.code, self.editor.syntax_problem())
+        visible = len(task.visible_tests)
+        on_visible = Verdict(verdict.tests[:visible], verdict.tampered, verdict.timed_out)
+        score = 0.0 if verdict.tampered else verdict.passed / len(task.all_tests)
+        solved = verdict.all_passed and not verdict.tampered
+        reward = self.shaping.final(on_visible.passed / visible, score, solved)
+        self.show_results(on_visible)
+        self.output = render.final_report(
+            task, verdict, on_visible.passed, score, solved, truncated
+        )
+        self.score, self.solved, self.truncated = score, solved, truncated
+        self.state.done = True
+        return reward
+
+    # -- the observation -----------------------------------------------------------------------
+
+    def observe(self, reward: float, done: bool | None = None) -> TraceFixObservation:
+        """The observation after a step that earned ``reward``. The code window is the
+        step's focus; without one, the line of a syntax error, else the whole file."""
+        task, editor, state = self.task, self.editor, self.state
+        reward = round(reward, REWARD_DIGITS)
+        problem = editor.syntax_problem()
+        first, last, mark = self.focus or (1, len(editor.lines), None)
+        if problem is not None and problem[0] is not None and self.focus is None:
+            first, last, mark = render.window_around(problem[0])
+        return TraceFixObservation(
+            done=state.done if done is None else done,
+            reward=reward,
+            task_id=task.task_id,
+            difficulty=task.difficulty,
+            description=task.description,
+            episode_id=state.episode_id or "",
+            code_dict={number: text for number, text in enumerate(editor.lines, 1)},
+            localized_context=render.render_window(editor.lines, first, last, mark),
+            last_execution_output=self.output,
+            syntax_error=problem is not None,
+            test_results=list(self.results),
+            tests_passed=self.tests_passed,
+            tests_total=len(task.visible_tests),
+            step_count=state.step_count,
+            steps_remaining=max(0, state.max_steps - state.step_count),
+            reward_last_step=reward,
+            last_action_error=self.error,
+            score=self.score,
+            solved=self.solved,
+            truncated=self.truncated,
+        )
