@@ -25,6 +25,8 @@ _EXPORTS = {
     "TraceFixState": "tracefix_rl.models",
     "ResetArgs": "tracefix_rl.models",
     "TraceFixEnvironment": "tracefix_rl.environment",
+    "TraceFixToolEnv": "tracefix_rl.tool_env",
+    "task_dataset": "tracefix_rl.tool_env",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -101,6 +101,19 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="A WebSocket session without a frame for this long is closed (4408).",
     )
+    mcp_max_sessions: int = Field(
+        default=64,
+        ge=1,
+        description="MCP sessions at once (every transport); one more is refused with a "
+        "JSON-RPC error. They never take WebSocket or HTTP episode slots.",
+    )
+    mcp_idle_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="An MCP session in which no episode has started is closed after this "
+        "long without a request (with an episode: SESSION_TIMEOUT_S).",
+    )
     http_max_episodes: int = Field(
         default=256, ge=1, description="Stateful HTTP episodes kept at once."
     )

@@ -81,6 +81,7 @@ class Action(ABC):
         clients and tool-calling trainers expect)."""
         schema = self.Params.model_json_schema()
         schema.pop("title", None)
+        schema.pop("description", None)  # the Params class's docstring: for developers
         for prop in schema.get("properties", {}).values():
             prop.pop("title", None)
         return schema

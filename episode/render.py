@@ -1,7 +1,10 @@
-"""The texts an agent sees: numbered code windows, test reports, clipped output.
+"""The texts an agent sees: numbered code windows, test reports, clipped output, and a whole
+observation as text (:func:`observation_text`, for agents that read text: MCP tools, the TRL
+wrapper).
 
 Pure functions of their arguments; :meth:`tracefix_rl.episode.state.Episode.observe` puts
-them into the observation.
+them into the observation. Importing this module imports nothing else of the package, so
+clients use it too.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tracefix_rl.judge import Verdict
-    from tracefix_rl.models import TestResult
+    from tracefix_rl.models import TestResult, TraceFixObservation
     from tracefix_rl.tasks import Task
 
 FOCUS_MARK = ">>"
@@ -97,3 +100,40 @@ def final_report(
         f"{len(task.hidden_tests)}). score={score:.3f} solved={str(solved).lower()}"
         + (" (result channel tampered with: score 0)" if verdict.tampered else "")
     )
+
+
+def observation_text(obs: TraceFixObservation, started: bool = False) -> str:
+    """The observation as text an agent reads: everything the observation says but the full
+    file (``code_dict``, in the structured content), whose window is shown instead."""
+    parts = []
+    if started:
+        parts.append(f"Episode {obs.episode_id}: task {obs.task_id} ({obs.difficulty}).\n"
+                     f"Description:\n{obs.description.strip()}")  # fmt: skip
+    if obs.last_action_error:
+        parts.append(f"Error: {obs.last_action_error}")
+    if obs.last_execution_output:
+        parts.append(obs.last_execution_output)
+    if obs.localized_context:
+        window = obs.localized_context
+        marked = any(line.startswith(FOCUS_MARK) for line in window.split("\n"))
+        about = [f"the file has {len(obs.code_dict)} lines"]
+        if marked:
+            about.append(f"{FOCUS_MARK} marks the focus line")
+        if obs.syntax_error:
+            about.append("it does not parse (syntax error)")
+        parts.append(f"Code ({'; '.join(about)}):\n{window}")
+    if obs.test_results:
+        tests = f"visible tests passing: {obs.tests_passed}/{obs.tests_total} (last run)"
+    else:
+        tests = f"visible tests: {obs.tests_total}, not run yet"
+    status = [
+        f"Step {obs.step_count}, {obs.steps_remaining} left",
+        tests,
+        f"reward {obs.reward if obs.reward is not None else 0.0:g}",
+        f"done: {str(obs.done).lower()}",
+    ]
+    if obs.done:
+        score = f"{obs.score:.3f}" if obs.score is not None else "none"
+        status.append(f"score {score}, solved: {str(bool(obs.solved)).lower()}")
+    parts.append(". ".join(status) + ".")
+    return "\n\n".join(parts)

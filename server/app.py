@@ -1,7 +1,7 @@
 """HTTP and WebSocket server for tracefix_rl: the app factory and the ``server`` command.
 
-Built on openenv's FastAPI app (``/mcp``, ``/metadata``, ``/docs``, the Task API, and the
-``/web`` playground when ``ENABLE_WEB_INTERFACE`` is set), with these routes replaced or added:
+Built on openenv's FastAPI app (``/metadata``, ``/docs``, the Task API, and the ``/web``
+playground when ``ENABLE_WEB_INTERFACE`` is set), with these routes replaced or added:
 
 * ``/ws``: WebSocket sessions (``server.ws``), openenv's protocol with a hard session cap,
   idle reaping that closes the socket, a message size limit, and cancellation of a
@@ -13,6 +13,10 @@ Built on openenv's FastAPI app (``/mcp``, ``/metadata``, ``/docs``, the Task API
   (``server.responses``).
 * ``GET /schema`` with the real state schema, ``GET /health`` with sandbox and task facts,
   ``GET /tasks`` listing task ids for building datasets of reset arguments.
+* ``/mcp``: MCP tools (``server.mcp``: ``start_episode`` and one per action) over HTTP
+  (``server.routes``: MCP's streamable HTTP and OpenEnv's JSON-RPC) and WebSocket
+  (``server.ws``), in MCP sessions of their own (``MCP_MAX_SESSIONS``), apart from the
+  ``/ws`` and HTTP episode slots.
 
 Configuration: ``tracefix_rl.settings`` (the README's Configuration table), read once.
 
@@ -59,7 +63,8 @@ def create_tracefix_app(settings: Settings, loader: TaskLoader | None = None) ->
     Its lifespan starts ``loader`` (a new :class:`TaskLoader` of ``settings`` when None;
     ``main()`` passes the one it already started), waits for the tasks before the server
     accepts connections, and closes the sandbox at shutdown. ``app.state`` holds
-    ``http_episodes``, ``ws_sessions`` and ``max_request_bytes`` for ``server.serve``.
+    ``http_episodes``, ``ws_sessions`` (which also shuts the MCP sessions down) and
+    ``max_request_bytes`` for ``server.serve``.
     """
     # The app's modules are imported here, not at the top: main() starts the sandbox
     # workers first, so they boot while these import (bench/coldstart_bench.py).
@@ -73,9 +78,10 @@ def create_tracefix_app(settings: Settings, loader: TaskLoader | None = None) ->
     from tracefix_rl.models import TraceFixAction, TraceFixObservation
     from tracefix_rl.server import startup
     from tracefix_rl.server.episodes import HttpEpisodes
+    from tracefix_rl.server.mcp_sessions import McpSessions
     from tracefix_rl.server.middleware import BodyLimit, QuietWebSocketClose
     from tracefix_rl.server.responses import install_error_handlers
-    from tracefix_rl.server.routes import register_http_routes
+    from tracefix_rl.server.routes import register_http_routes, register_mcp_routes
     from tracefix_rl.server.ws import WebSocketSessions, register_ws_route
 
     loader = loader or TaskLoader(settings)
@@ -106,11 +112,19 @@ def create_tracefix_app(settings: Settings, loader: TaskLoader | None = None) ->
         app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
         install_error_handlers(app)
         register_http_routes(app, episodes, new_environment)
+        mcp_sessions = McpSessions(
+            capacity=settings.mcp_max_sessions,
+            idle_timeout_s=settings.mcp_idle_timeout_s,
+            session_timeout_s=settings.session_timeout_s,
+            env_factory=new_environment,
+        )
+        register_mcp_routes(app, mcp_sessions)
         sessions = WebSocketSessions(
             capacity=settings.max_concurrent_envs,
             idle_timeout_s=settings.session_timeout_s,
             max_message_bytes=settings.max_request_bytes,
             env_factory=new_environment,
+            mcp=mcp_sessions,
         )
         register_ws_route(app, sessions)
         app.openapi_schema = None

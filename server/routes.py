@@ -9,7 +9,13 @@
   Explicit ids work from any client: an id is the capability (generated ones are uuid4).
 * ``GET /schema`` with the real state schema, ``GET /health`` (503 with a ``reason`` when
   the sandbox cannot serve at full strength), ``GET /tasks`` listing task ids,
-  ``GET /metadata``, and ``POST /mcp`` (openenv's, wrapped: see :func:`_mcp_route`).
+  ``GET /metadata``.
+* ``POST /mcp`` and ``DELETE /mcp`` (:func:`register_mcp_routes`): the HTTP transports of the
+  MCP tools of ``server.mcp``. A request with an ``Mcp-Session-Id`` header, or an
+  ``initialize``, speaks MCP's streamable HTTP (JSON answers, no SSE); any other request
+  speaks OpenEnv's JSON-RPC (``openenv/session/create``, ``params.session_id``). Answers are
+  JSON-RPC, with HTTP 200 for JSON-RPC errors, whatever the body (``openenv validate`` posts
+  ``{}``).
 
 Every status a route can answer is in its OpenAPI ``responses`` (``tests/test_contract.py``
 holds the server to it with schemathesis); error bodies come from ``server.responses``.
@@ -22,7 +28,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 from urllib.parse import quote, unquote
@@ -49,6 +55,8 @@ from tracefix_rl.models import (
 )
 from tracefix_rl.sandbox import get_sandbox
 from tracefix_rl.server.episodes import Episode, EpisodeStoreFull, HttpEpisodes, UnknownEpisode
+from tracefix_rl.server.mcp import SESSION_METHODS, Transport, dispatch
+from tracefix_rl.server.mcp_sessions import McpCapacityError, McpSessionError, McpSessions
 from tracefix_rl.server.responses import (
     RETRY_AFTER_HEADER,
     SHUTTING_DOWN,
@@ -68,7 +76,8 @@ EPISODE_COOKIE = "tracefix_episode"
 # document it): the server sets it, and a generated value cannot round-trip through a Cookie
 # header (a ';' in it cuts it short), so schemathesis' negative cookies were sent truncated.
 COOKIE_MAX_CHARS = ID_MAX_CHARS * 12
-MCP_SESSION_METHODS = ("openenv/session/create", "openenv/session/close")
+MCP_SESSION_HEADER = "mcp-session-id"  # MCP's streamable HTTP transport
+MCP_METHODS = ("DELETE", "POST")
 _EPISODE_OF_RESET = "$response.body#/observation/episode_id"
 # OpenAPI links: what a client (and schemathesis' stateful phase) can do with a new episode.
 RESET_LINKS = {
@@ -197,56 +206,17 @@ def document_task_api(app: FastAPI) -> None:
             route.responses = {**route.responses, **documented(*statuses)}
 
 
-def _openenv_endpoint(app: FastAPI, path: str) -> Callable[[Request], Awaitable[Any]]:
-    return next(r.endpoint for r in app.router.routes
-                if isinstance(r, APIRoute) and r.path == path)  # fmt: skip
+def _rpc_error(code: JsonRpcErrorCode, message: str, request_id: Any = None,
+               status: int = 200, data: Any = None) -> Response:  # fmt: skip
+    reply = JsonRpcResponse.error_response(code, message, data=data, request_id=request_id)
+    return SafeJSONResponse(reply.model_dump(), status_code=status)
 
 
-def _rpc_error(code: JsonRpcErrorCode, message: str, request_id: Any = None) -> Response:
-    reply = JsonRpcResponse.error_response(code, message, request_id=request_id)
-    return SafeJSONResponse(reply.model_dump())
-
-
-def _mcp_route(openenv_mcp: Callable[[Request], Awaitable[Any]]):
-    """``POST /mcp``: openenv's JSON-RPC endpoint, guarded.
-
-    openenv's handler answered 500 for ``params.session_id`` that is not a string (it is
-    used as a dict key), and for a ``method`` or ``id`` holding a lone surrogate (echoed into
-    a response that could not be encoded). Here the request is validated first, errors are
-    JSON-RPC errors with HTTP 200 as JSON-RPC over HTTP has them, and the answer is encoded
-    safely. ``openenv/session/create`` is refused: this environment has no MCP tools, so an
-    MCP session could do nothing but occupy one of the ``MAX_CONCURRENT_ENVS`` WebSocket
-    slots until it idled out, and any client could fill them all.
-    """
-
-    async def mcp(request: Request) -> Response:
-        body = await request.body()
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError):
-            return _rpc_error(JsonRpcErrorCode.PARSE_ERROR, "Parse error")
-        try:
-            rpc = JsonRpcRequest.model_validate(data)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "request"
-            return _rpc_error(JsonRpcErrorCode.INVALID_REQUEST, f"Invalid request: {where}: "
-                              f"{first['msg']}")  # fmt: skip
-        if not isinstance(rpc.params.get("session_id", ""), str):
-            return _rpc_error(JsonRpcErrorCode.INVALID_PARAMS, "params.session_id must be a "
-                              "string", rpc.id)  # fmt: skip
-        if rpc.method in MCP_SESSION_METHODS:
-            return _rpc_error(JsonRpcErrorCode.METHOD_NOT_FOUND, f"{rpc.method}: this "
-                              "environment has no MCP tools, so it opens no MCP sessions; play "
-                              "episodes over /ws or /reset and /step", rpc.id)  # fmt: skip
-        try:
-            reply = await openenv_mcp(request)  # re-reads the body Starlette has cached
-        except Exception:  # noqa: BLE001 - a JSON-RPC error, never a 500
-            log.exception("POST /mcp %s failed", rpc.method)
-            return _rpc_error(JsonRpcErrorCode.INTERNAL_ERROR, "Internal error", rpc.id)
-        return SafeJSONResponse(reply)
-
-    return mcp
+def _unknown_session(session_id: str, request_id: Any = None) -> Response:
+    """404, as MCP's streamable HTTP has it: the client must ``initialize`` again."""
+    shown = session_id if len(session_id) <= ID_MAX_CHARS else f"{session_id[:ID_MAX_CHARS]}..."
+    return _rpc_error(JsonRpcErrorCode.INVALID_REQUEST, f"Unknown or closed MCP session "
+                      f"{shown!r}: initialize a new one", request_id, 404)  # fmt: skip
 
 
 # -- routes -----------------------------------------------------------------------------------
@@ -259,8 +229,7 @@ def register_http_routes(
 ) -> None:
     """Replace openenv's stateless HTTP routes with stateful ones and add the info routes;
     ``/reset`` plays each episode in an environment made by ``new_environment``."""
-    openenv_mcp = _openenv_endpoint(app, "/mcp")
-    remove_routes(app, REPLACED_ROUTES)
+    remove_routes(app, REPLACED_ROUTES)  # openenv's /mcp too: register_mcp_routes serves it
     document_task_api(app)
     # One thread per HTTP episode slot: a step waiting for the sandbox must not hold up
     # VIEW or REPLACE of other episodes (Starlette's shared thread pool has 40 threads).
@@ -465,20 +434,153 @@ def register_http_routes(
         """Name, description and version of the environment."""
         return metadata_doc
 
-    json_route(
-        "/mcp",
-        methods=["POST"],
-        tags=["MCP"],
-        responses=documented(s200={"model": JsonRpcResponse, "description": "A JSON-RPC 2.0 "
-                                   "answer; errors are JSON-RPC errors."}),
-        openapi_extra={"requestBody": {
-            "description": "A JSON-RPC 2.0 request; any other body gets a JSON-RPC error.",
-            "content": {"application/json": {"schema": {}}},
-        }},
-    )(_mcp_route(openenv_mcp))  # fmt: skip
-
     async def close_episodes() -> None:
         episodes.close()
         http_threads.shutdown(wait=False, cancel_futures=True)
 
     app.router.on_shutdown.append(close_episodes)
+
+
+# -- /mcp -------------------------------------------------------------------------------------
+
+_RPC_ANSWER = {"model": JsonRpcResponse, "description": "A JSON-RPC 2.0 answer; errors are "
+               "JSON-RPC errors (HTTP 200), whatever the body."}  # fmt: skip
+_SESSION_GONE = {"model": JsonRpcResponse, "description": "The `Mcp-Session-Id` names no open "
+                 "MCP session (closed, or reaped when idle): initialize a new one."}  # fmt: skip
+
+
+def _session_header(required: bool) -> dict[str, Any]:
+    return {"name": "Mcp-Session-Id", "in": "header", "required": required,
+            "schema": {"type": "string"},
+            "description": "The MCP session, as `initialize` returned it in this header "
+                           "(MCP's streamable HTTP transport)."}  # fmt: skip
+
+
+class _McpRoute(APIRoute):
+    """A ``/mcp`` route whose 405 names every method of ``/mcp`` in ``Allow`` (Starlette's
+    names only those of the first route with the path)."""
+
+    async def handle(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if self.methods and scope["method"] not in self.methods:
+            raise HTTPException(405, headers={"Allow": ", ".join(MCP_METHODS)})
+        await super().handle(scope, receive, send)
+
+
+def register_mcp_routes(app: FastAPI, sessions: McpSessions) -> None:
+    """``POST /mcp`` and ``DELETE /mcp``, the HTTP transports of ``server.mcp``.
+
+    ``POST /mcp`` reads the body as JSON-RPC first (a bad one is a JSON-RPC error, HTTP 200:
+    parse error, invalid request, a ``params.session_id`` that is not a string), then:
+
+    * with an ``Mcp-Session-Id`` header: MCP's streamable HTTP in that session; an unknown or
+      closed one is a 404 (the client initializes again); a notification is answered 202
+      with no body;
+    * ``initialize`` without the header: a new session (``McpSessions.create``, refused with
+      a JSON-RPC error over ``MCP_MAX_SESSIONS``), named in the ``Mcp-Session-Id`` answer
+      header;
+    * anything else: OpenEnv's JSON-RPC (``MCPToolClient``'s production mode): sessions are
+      made with ``openenv/session/create`` and named by ``params.session_id``; every request
+      gets an answer.
+
+    ``DELETE /mcp`` closes the session its header names (204; 404 if there is none; 400
+    without the header). ``GET /mcp`` (a stream of server messages) is 405: this server
+    sends none.
+    """
+
+    async def mcp(request: Request) -> Response:
+        """MCP over HTTP: streamable HTTP (``initialize``, then ``Mcp-Session-Id``) and
+        OpenEnv's JSON-RPC (``openenv/session/create``, then ``params.session_id``). Tools:
+        ``start_episode`` and one per action; see the README's "Use as MCP tools"."""
+        try:
+            data = json.loads(await request.body())
+        except (ValueError, RecursionError):
+            return _rpc_error(JsonRpcErrorCode.PARSE_ERROR, "Parse error")
+        try:
+            rpc = JsonRpcRequest.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "request"
+            return _rpc_error(JsonRpcErrorCode.INVALID_REQUEST, f"Invalid request: {where}: "
+                              f"{first['msg']}")  # fmt: skip
+        if not isinstance(rpc.params.get("session_id", ""), str):
+            return _rpc_error(JsonRpcErrorCode.INVALID_PARAMS, "params.session_id must be a "
+                              "string", rpc.id)  # fmt: skip
+        header = (request.headers.get(MCP_SESSION_HEADER) or "").strip()
+        try:
+            return await _answer(rpc, header)
+        except McpSessionError as exc:  # the server is shutting down
+            return _rpc_error(JsonRpcErrorCode.SERVER_ERROR, str(exc), rpc.id)
+        except Exception:  # noqa: BLE001 - a JSON-RPC error, never a 500
+            log.exception("POST /mcp %s failed", rpc.method)
+            return _rpc_error(JsonRpcErrorCode.INTERNAL_ERROR, "Internal error", rpc.id)
+
+    async def _answer(rpc: JsonRpcRequest, header: str) -> Response:
+        if header:
+            session = sessions.get(header)
+            if session is None:
+                return _unknown_session(header, rpc.id)
+            reply = await dispatch(rpc, session, Transport.STREAMABLE_HTTP, sessions)
+            if rpc.id is None:  # a notification: nothing to answer
+                return Response(status_code=202)
+            return SafeJSONResponse(reply.model_dump())
+        if rpc.method == "initialize":
+            try:
+                session = sessions.create(Transport.STREAMABLE_HTTP.value)
+            except McpCapacityError as exc:
+                return SafeJSONResponse(exc.response(rpc.id).model_dump())
+            reply = await dispatch(rpc, session, Transport.STREAMABLE_HTTP, sessions)
+            return SafeJSONResponse(reply.model_dump(),
+                                    headers={MCP_SESSION_HEADER: session.session_id})  # fmt: skip
+        context = None
+        requested = rpc.params.get("session_id")
+        if requested and rpc.method not in SESSION_METHODS:
+            context = sessions.get(requested)
+            if context is None:
+                return _rpc_error(JsonRpcErrorCode.INVALID_PARAMS, f"Unknown session_id: "
+                                  f"{requested}", rpc.id)  # fmt: skip
+        reply = await dispatch(rpc, context, Transport.OPENENV_HTTP, sessions)
+        return SafeJSONResponse(reply.model_dump())
+
+    async def close_mcp_session(request: Request) -> Response:
+        """Close the MCP session named by ``Mcp-Session-Id`` (MCP's session termination)."""
+        header = request.headers.get(MCP_SESSION_HEADER)
+        if header is None:
+            return _rpc_error(JsonRpcErrorCode.INVALID_REQUEST, "DELETE /mcp closes the MCP "
+                              "session named by the Mcp-Session-Id header; none was sent",
+                              status=400)  # fmt: skip
+        if sessions.close(header.strip()) == "unknown":
+            return _unknown_session(header.strip())
+        return Response(status_code=204)
+
+    route = functools.partial(
+        app.router.add_api_route,
+        "/mcp",
+        tags=["MCP"],
+        response_class=SafeJSONResponse,
+        route_class_override=_McpRoute,
+    )
+    route(
+        mcp,
+        methods=["POST"],
+        responses=documented(
+            s200=_RPC_ANSWER,
+            s404=_SESSION_GONE,
+            s202={"description": "A notification in an MCP session: accepted, no body."},
+        ),
+        openapi_extra={
+            "parameters": [_session_header(required=False)],
+            "requestBody": {
+                "description": "A JSON-RPC 2.0 request; any other body gets a JSON-RPC error.",
+                "content": {"application/json": {"schema": {}}},
+            },
+        },
+    )
+    route(
+        close_mcp_session, methods=["DELETE"], status_code=204,
+        responses=documented(
+            s204={"description": "The session is closed (or closes when its WebSocket does)."},
+            s400={"model": JsonRpcResponse, "description": "No `Mcp-Session-Id` header."},
+            s404=_SESSION_GONE,
+        ),
+        openapi_extra={"parameters": [_session_header(required=True)]},
+    )  # fmt: skip

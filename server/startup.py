@@ -2,8 +2,8 @@
 
 **openenv's MCP runtime** (fastmcp and the mcp SDK, about 1.1 s of imports here).
 openenv-core 0.3's HTTP server imports ``openenv.core.env_server.mcp_environment`` eagerly,
-which imports fastmcp and the mcp SDK. tracefix_rl exposes no MCP tools, so the server never
-calls into it: ``/mcp`` answers JSON-RPC ("Environment does not support MCP") without it.
+which imports fastmcp and the mcp SDK. tracefix_rl serves its MCP tools itself
+(``server.mcp``, plain JSON-RPC), so the server never calls into that runtime.
 
 ``defer_mcp_runtime()`` puts a small stand-in module in its place until something really needs it:
 

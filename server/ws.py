@@ -1,5 +1,5 @@
-"""The WebSocket endpoints ``/ws`` (and openenv's ``/mcp``): one environment per connection,
-with a hard session cap shared by both.
+"""The WebSocket endpoints ``/ws`` and ``/mcp``: one environment per connection, with hard
+session caps (``MAX_CONCURRENT_ENVS`` for ``/ws``, ``MCP_MAX_SESSIONS`` for MCP).
 
 Wire protocol: openenv-core 0.3's, unchanged (``EnvClient``, ``GenericEnvClient`` and
 ``client.TraceFixEnv`` work as they did). The client sends JSON text frames
@@ -42,9 +42,23 @@ What this module guarantees (openenv 0.3's endpoint did none of it):
 * **Shutdown** (``server.serve``): :meth:`WebSocketSessions.shut_down` closes every session
   with **1001** (Going Away) and cancels its evaluation in flight.
 
-openenv's WebSocket ``/mcp`` (bare JSON-RPC, answered as openenv answers for an environment
-without MCP tools) runs on the same sessions (:class:`_McpSession`), so it counts against the
-same cap; openenv served it outside any cap. HTTP ``POST /mcp`` stays openenv's.
+**MCP** (the tools of ``server.mcp``), three ways, all with the guarantees above but the
+cap, which is MCP's own (``MCP_MAX_SESSIONS``; an MCP session never takes a ``/ws`` slot):
+
+* ``{"type": "mcp", "data": {json-rpc}}`` frames on ``/ws`` call the tools on the session's
+  own environment (``openenv/session/create`` answers the session's id), and a ``step``
+  whose data is OpenEnv's ``{"type": "call_tool", "tool_name", "arguments"}`` or
+  ``{"type": "list_tools"}`` is answered with OpenEnv's ``CallToolObservation`` (with the
+  step's reward and done) or ``ListToolsObservation``;
+* ``/ws?session_id=<id>`` attaches to an MCP session made over HTTP (``MCPToolClient`` does
+  this): the socket plays that session's environment, which HTTP tool calls share (calls run
+  one at a time), and takes no ``/ws`` slot. An unknown id, or a session that already has a
+  socket, is refused with a ``SESSION_ERROR`` frame and 1008;
+* WebSocket ``/mcp`` (:class:`_McpSession`, openenv's bare JSON-RPC protocol) opens an MCP
+  session per connection, refused over ``MCP_MAX_SESSIONS`` with a JSON-RPC error and 1013.
+
+A socket on an MCP session in which no episode has started is reaped after
+``MCP_IDLE_TIMEOUT_S`` (``SESSION_TIMEOUT_S`` once one has).
 
 ``reset`` passes the fields of ``models.ResetArgs`` to ``env.reset`` (which validates
 them); other keys, e.g. a trainer's dataset columns, are ignored.
@@ -63,13 +77,20 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import FastAPI
 from openenv.core.env_server.mcp_types import (
+    CallToolAction,
+    CallToolObservation,
     JsonRpcErrorCode,
     JsonRpcRequest,
     JsonRpcResponse,
-    McpMethod,
+    ListToolsAction,
+    ListToolsObservation,
+    Tool,
+    ToolError,
+    ToolErrorType,
     WSMCPMessage,
 )
 from openenv.core.env_server.serialization import deserialize_action, serialize_observation
@@ -86,12 +107,20 @@ from starlette.routing import WebSocketRoute
 from tracefix_rl.environment import TraceFixEnvironment
 from tracefix_rl.models import ResetArgs, TraceFixAction, escape_surrogates, escape_surrogates_in
 from tracefix_rl.sandbox import get_sandbox
+from tracefix_rl.server.mcp import TOOLS, Transport, call_tool, dispatch
+from tracefix_rl.server.mcp_sessions import (
+    McpCapacityError,
+    McpSession,
+    McpSessionError,
+    McpSessions,
+)
 from tracefix_rl.tasks import TaskSelectionError, get_registry
 
 log = logging.getLogger("tracefix_rl.server.ws")
 
 PATH = "/ws"
 MCP_PATH = "/mcp"  # openenv's JSON-RPC-over-WebSocket endpoint (see _McpSession)
+MCP_STEP_TYPES = ("call_tool", "list_tools")  # OpenEnv's MCP actions, as step data
 
 # Close codes (RFC 6455 section 7.4; 4000-4999 are for applications).
 CLOSE_NORMAL = 1000  # the client sent {"type": "close"}
@@ -186,54 +215,17 @@ def validation_frame(exc: ValidationError, what: str) -> str:
     return _error(WSErrorCode.VALIDATION_ERROR, f"invalid {what}: {summary}", errors=errors)
 
 
-def mcp_reply(payload: dict[str, Any], session_id: str) -> dict[str, Any]:
-    """What openenv 0.10's ``mcp_handler`` answers over ``/ws`` for an environment without MCP
-    tools (tracefix_rl has none). ``openenv/session/close`` of another id answers "Unknown
-    session_id", as openenv does for any id not opened over HTTP ``/mcp``."""
-    try:
-        request = JsonRpcRequest(**payload)
-    except Exception as exc:  # noqa: BLE001 - openenv answers every failure this way
-        return JsonRpcResponse.error_response(
-            JsonRpcErrorCode.INVALID_REQUEST, f"Invalid request: {exc}"
-        ).model_dump()
-    method, request_id, params = request.method, request.id, request.params
-    if method == "openenv/session/create":
-        response = JsonRpcResponse.success({"session_id": session_id}, request_id=request_id)
-    elif method == "openenv/session/close":
-        target = params.get("session_id")
-        if not target:
-            response = JsonRpcResponse.error_response(
-                JsonRpcErrorCode.INVALID_PARAMS,
-                "Invalid params - 'session_id' is required",
-                request_id=request_id,
-            )
-        elif target == session_id:
-            response = JsonRpcResponse.error_response(
-                JsonRpcErrorCode.INVALID_REQUEST,
-                "Cannot close active WebSocket-managed session via MCP method",
-                request_id=request_id,
-            )
-        else:
-            response = JsonRpcResponse.error_response(
-                JsonRpcErrorCode.INVALID_PARAMS,
-                f"Unknown session_id: {target}",
-                request_id=request_id,
-            )
-    elif method == McpMethod.TOOLS_CALL and not params.get("name"):
-        response = JsonRpcResponse.error_response(
-            JsonRpcErrorCode.INVALID_PARAMS, "Missing 'name' in params", request_id=request_id
-        )
-    elif method in (McpMethod.TOOLS_LIST, McpMethod.TOOLS_CALL):
-        response = JsonRpcResponse.error_response(
-            JsonRpcErrorCode.INTERNAL_ERROR,
-            "Environment does not support MCP",
-            request_id=request_id,
-        )
-    else:
-        response = JsonRpcResponse.error_response(
-            JsonRpcErrorCode.METHOD_NOT_FOUND, f"Method not found: {method}", request_id=request_id
-        )
-    return response.model_dump()
+def _invalid_rpc(exc: Exception) -> dict[str, Any]:
+    """openenv's answer to a JSON-RPC message it cannot read."""
+    return JsonRpcResponse.error_response(
+        JsonRpcErrorCode.INVALID_REQUEST, f"Invalid request: {exc}"
+    ).model_dump()
+
+
+def _tool_step(observation: Any, reward: float | None = None, done: bool = False) -> str:
+    """An observation frame of OpenEnv's MCP step types (their own observation models)."""
+    observation.reward, observation.done = reward, done
+    return encode_frame("observation", serialize_observation(observation))
 
 
 class _Gone(Exception):
@@ -243,12 +235,19 @@ class _Gone(Exception):
 class _Session:
     """One accepted connection: its environment, its receiver task and its reply loop."""
 
-    def __init__(self, manager: WebSocketSessions, receive: Any, send: Any) -> None:
+    protocol_version: str | None = None  # MCP's, once an ``initialize`` frame set it
+
+    def __init__(
+        self, manager: WebSocketSessions, receive: Any, send: Any,
+        mcp: McpSession | None = None, owns_mcp: bool = False,
+    ) -> None:  # fmt: skip
         self.manager = manager
         self.receive = receive
         self.send = send
-        self.session_id = str(uuid.uuid4())
-        self.env = manager.env_factory()
+        self.mcp = mcp  # the MCP session this socket plays (None: an environment of its own)
+        self.owns_mcp = owns_mcp  # the session ends with the socket (WebSocket /mcp)
+        self.session_id = mcp.session_id if mcp is not None else str(uuid.uuid4())
+        self.env = mcp.env if mcp is not None else manager.env_factory()
         self.loop = asyncio.get_running_loop()
         self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.gone: asyncio.Future[None] = self.loop.create_future()
@@ -268,7 +267,12 @@ class _Session:
         if not self.gone.done():
             self.gone.set_result(None)
             self.inbox.put_nowait(("end",))
-        self.env.close()
+        if self.mcp is None:
+            self.env.close()
+        elif self.owns_mcp and self.manager.mcp is not None:
+            self.manager.mcp.discard(self.mcp)
+        elif self.running is not None and not self.running.done():
+            self.env.cancel()  # this socket's own call; the HTTP side keeps the session
 
     async def _send(self, message: dict[str, Any]) -> bool:
         """Send one ASGI message; False (and the peer counts as gone) when it has left or has
@@ -346,21 +350,32 @@ class _Session:
 
     # -- replying ---------------------------------------------------------------------------
 
+    def idle_limit(self) -> tuple[float, str]:
+        """How long this socket may stay silent, and the setting that says so."""
+        if self.mcp is not None:
+            return self.mcp.idle_limit()
+        return self.manager.idle_timeout_s, "SESSION_TIMEOUT_S"
+
     async def run(self) -> None:
-        idle_s = self.manager.idle_timeout_s
         receiver = self.loop.create_task(self.receive_frames())
         try:
             while not self.gone.done():
+                idle_s, setting = self.idle_limit()
+                wait_s = idle_s if self.mcp is None else self.mcp.idle_for_s(idle_s)
                 try:
-                    async with asyncio.timeout(idle_s):
+                    async with asyncio.timeout(wait_s):
                         item = await self.inbox.get()
                 except TimeoutError:
-                    reason = f"idle for {idle_s:g} s (SESSION_TIMEOUT_S); reconnect and reset"
+                    if self.mcp is not None and self.mcp.idle_for_s(self.idle_limit()[0]) > 0:
+                        continue  # the session was used over HTTP meanwhile
+                    reason = f"idle for {idle_s:g} s ({setting}); reconnect and reset"
                     self.end(CLOSE_IDLE, reason)
                     log.info("websocket session %s reaped after %g s idle", self.session_id, idle_s)
                     break
                 if item[0] == "end" or self.gone.done():
                     break
+                if self.mcp is not None:
+                    self.mcp.touch()
                 self.pending_bytes -= item[-1]
                 if item[0] == "error":
                     await self.reply(self.error_reply(item[1], item[2]))
@@ -409,6 +424,8 @@ class _Session:
                     return encode_frame("observation", serialize_observation(observation), False)
                 case "step":
                     data = WSStepMessage.model_validate(message).data
+                    if data.get("type") in MCP_STEP_TYPES and "action_type" not in data:
+                        return await self.tool_step(data)
                     action = deserialize_action(data, TraceFixAction)
                     observation = await self.call(self.env.step, action)
                     return encode_frame("observation", serialize_observation(observation), False)
@@ -420,7 +437,7 @@ class _Session:
                     raise _Gone
                 case "mcp":
                     data = WSMCPMessage.model_validate(message).data
-                    return encode_frame("mcp", mcp_reply(data, self.session_id))
+                    return encode_frame("mcp", await self.rpc(data))
                 case _:
                     return _error(WSErrorCode.UNKNOWN_TYPE, f"Unknown message type: {kind}")
         except ValidationError as exc:
@@ -433,10 +450,48 @@ class _Session:
             log.exception("websocket %s frame failed", kind)
             return _error(WSErrorCode.EXECUTION_ERROR, f"{type(exc).__name__}: {exc}")
 
+    async def rpc(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The JSON-RPC answer to an MCP message (``server.mcp``), in this session."""
+        try:
+            request = JsonRpcRequest(**payload)
+        except Exception as exc:  # noqa: BLE001 - openenv answers every failure this way
+            return _invalid_rpc(exc)
+        store = self.manager.mcp
+        return (await dispatch(request, self, Transport.WEBSOCKET, store)).model_dump()
+
+    async def tool_step(self, data: dict[str, Any]) -> str:
+        """A ``step`` of OpenEnv's ``ListToolsAction`` or ``CallToolAction``."""
+        if data["type"] == "list_tools":
+            ListToolsAction.model_validate(data)
+            tools = [Tool(name=t.name, description=t.description, input_schema=t.input_schema)
+                     for t in TOOLS]  # fmt: skip
+            return _tool_step(ListToolsObservation(tools=tools), done=self.env.state.done)
+        action = CallToolAction.model_validate(data)
+        result, problem, observation = await call_tool(self, action.tool_name, action.arguments)
+        if problem is not None:
+            error = ToolError(error_type=ToolErrorType.TOOL_NOT_FOUND, message=problem)
+            return _tool_step(CallToolObservation(tool_name=action.tool_name, error=error),
+                              done=self.env.state.done)  # fmt: skip
+        reply = CallToolObservation(tool_name=action.tool_name, result=result)
+        if observation is None:
+            return _tool_step(reply, 0.0, self.env.state.done)
+        return _tool_step(reply, observation.reward, observation.done)
+
+    async def run_call(self, function: Callable[[], Any]) -> Any:
+        """``server.mcp``'s way to run a tool call in this session (see :meth:`call`)."""
+        return await self.call(function)
+
     async def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run ``function`` in the session threads; if the session ends meanwhile, cancel
-        the environment's evaluation and raise :class:`_Gone`."""
-        future = self.loop.run_in_executor(self.manager.executor, lambda: function(*args, **kwargs))
+        the environment's evaluation and raise :class:`_Gone`. On an MCP session, it runs
+        after the session's other calls (HTTP tool calls share the environment), in the MCP
+        threads."""
+        if self.mcp is not None:
+            await self._acquire(self.mcp.lock)
+            future = self.mcp.submit(lambda: function(*args, **kwargs))
+        else:
+            executor = self.manager.executor
+            future = self.loop.run_in_executor(executor, lambda: function(*args, **kwargs))
         self.running = future
         await asyncio.wait((future, self.gone), return_when=asyncio.FIRST_COMPLETED)
         if self.gone.done():  # end() has cancelled the evaluation; nobody awaits a reply
@@ -444,12 +499,23 @@ class _Session:
         self.running = None
         return future.result()
 
+    async def _acquire(self, lock: asyncio.Lock) -> None:
+        """Take ``lock``, or raise :class:`_Gone` if the session ends first."""
+        acquiring = self.loop.create_task(lock.acquire())
+        await asyncio.wait((acquiring, self.gone), return_when=asyncio.FIRST_COMPLETED)
+        if self.gone.done():
+            if acquiring.done() and not acquiring.cancelled():
+                lock.release()
+            else:
+                acquiring.cancel()
+            raise _Gone
+
 
 class _McpSession(_Session):
-    """openenv 0.3's WebSocket ``/mcp`` protocol: bare JSON-RPC requests and responses, with
-    openenv's answers for an environment without MCP tools. openenv gave each connection an
-    environment outside the ``/ws`` cap; here it is a session like any other (cap, reaping,
-    limits, shutdown)."""
+    """openenv's WebSocket ``/mcp`` protocol: bare JSON-RPC requests and responses. Each
+    connection is an MCP session of its own (``MCP_MAX_SESSIONS``; openenv gave each an
+    environment outside any cap), with the guarantees of every session (reaping, limits,
+    shutdown)."""
 
     @staticmethod
     def is_close(message: dict[str, Any]) -> bool:
@@ -471,7 +537,7 @@ class _McpSession(_Session):
         return encode_json(rpc.model_dump())
 
     async def handle(self, message: dict[str, Any]) -> str:
-        return encode_json(mcp_reply(message, self.session_id))
+        return encode_json(await self.rpc(message))
 
 
 def _size(raw: str | bytes, limit: int) -> int:
@@ -503,8 +569,10 @@ class WebSocketSessions:
         max_message_bytes: int,
         env_factory: Callable[[], TraceFixEnvironment] | None = None,
         send_timeout_s: float = SEND_TIMEOUT_S,
+        mcp: McpSessions | None = None,
     ) -> None:
         self.capacity = capacity
+        self.mcp = mcp  # the MCP sessions (WebSocket /mcp, /ws?session_id=); None: no MCP
         self.idle_timeout_s = idle_timeout_s
         self.max_message_bytes = max_message_bytes
         self.env_factory = env_factory or _new_environment
@@ -516,7 +584,8 @@ class WebSocketSessions:
         self._all_closed: asyncio.Event | None = None
 
     def __len__(self) -> int:
-        return len(self._live)
+        """Sessions holding a ``/ws`` slot (MCP sockets count against ``MCP_MAX_SESSIONS``)."""
+        return sum(1 for session in self._live if session.mcp is None)
 
     @property
     def abandon(self) -> asyncio.Future[None]:
@@ -529,7 +598,10 @@ class WebSocketSessions:
         """An ASGI app serving one WebSocket protocol with this manager's sessions."""
         return _Endpoint(self, session_type)
 
-    async def serve(self, session_type: type[_Session], receive: Any, send: Any) -> None:
+    async def serve(
+        self, session_type: type[_Session], receive: Any, send: Any,
+        scope: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
         """Accept one connection and run its session, or refuse it (cap, shutdown)."""
         if (await receive())["type"] != "websocket.connect":
             return
@@ -539,8 +611,13 @@ class WebSocketSessions:
             refusal = session_type.refusal(WSErrorCode.SESSION_ERROR, message)
             await _refuse(send, refusal, CLOSE_GOING_AWAY, message)
             return
-        if len(self._live) >= self.capacity:
-            count = len(self._live)
+        query = parse_qs((scope or {}).get("query_string", b"").decode(errors="replace"))
+        attach_to = (query.get("session_id") or [""])[0] if session_type is _Session else ""
+        if session_type is _McpSession or attach_to:
+            await self._serve_mcp(session_type, receive, send, attach_to)
+            return
+        if len(self) >= self.capacity:
+            count = len(self)
             message = (
                 f"server at capacity: {count} of {self.capacity} WebSocket sessions are in "
                 "use; retry later, close sessions you no longer need, or raise "
@@ -559,6 +636,38 @@ class WebSocketSessions:
             refusal = session_type.refusal(WSErrorCode.FACTORY_ERROR, message)
             await _refuse(send, refusal, CLOSE_INTERNAL, message)
             return
+        await self._run(session)
+
+    async def _serve_mcp(
+        self, session_type: type[_Session], receive: Any, send: Any, attach_to: str
+    ) -> None:
+        """A socket on an MCP session: a new one (WebSocket ``/mcp``), or the HTTP-made
+        session ``attach_to`` (``/ws?session_id=``); neither takes a ``/ws`` slot."""
+        store = self.mcp
+        try:
+            if store is None:
+                raise McpSessionError("this server has no MCP sessions")
+            mcp = store.attach(attach_to) if attach_to else store.create("websocket", True)
+        except McpCapacityError as exc:
+            extra = {"active_sessions": exc.active, "max_sessions": exc.capacity}
+            refusal = session_type.refusal(WSErrorCode.CAPACITY_REACHED, str(exc), **extra)
+            reason = f"MCP session limit reached ({exc.active} of {exc.capacity}); retry later"
+            await _refuse(send, refusal, CLOSE_TRY_AGAIN, reason)
+            return
+        except McpSessionError as exc:
+            refusal = session_type.refusal(WSErrorCode.SESSION_ERROR, str(exc))
+            await _refuse(send, refusal, CLOSE_POLICY, str(exc))
+            return
+        owns = not attach_to
+        try:
+            await self._run(session_type(self, receive, send, mcp, owns_mcp=owns))
+        finally:
+            if owns:
+                store.discard(mcp)
+            else:
+                store.detach(mcp)
+
+    async def _run(self, session: _Session) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._live[session] = task
@@ -586,6 +695,8 @@ class WebSocketSessions:
         for session in list(self._live):
             session.end(CLOSE_GOING_AWAY, reason)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.mcp is not None:
+            self.mcp.shut_down()
 
     async def wait_closed(self, timeout_s: float) -> int:
         """After :meth:`shut_down`: wait up to ``timeout_s`` for every session to end, then
@@ -613,7 +724,7 @@ class _Endpoint:
         self.session_type = session_type
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await self.manager.serve(self.session_type, receive, send)
+        await self.manager.serve(self.session_type, receive, send, scope)
 
 
 async def _refuse(send: Any, refusal: str, close_code: int, reason: str) -> None:
@@ -632,7 +743,7 @@ def _new_environment() -> TraceFixEnvironment:
 
 def register_ws_route(app: FastAPI, sessions: WebSocketSessions) -> None:
     """Replace openenv's WebSocket routes ``/ws`` and ``/mcp`` with ``sessions`` (kept as
-    ``app.state.ws_sessions``); the HTTP ``POST /mcp`` stays openenv's."""
+    ``app.state.ws_sessions``); HTTP ``/mcp`` is ``server.routes``'."""
     app.router.routes[:] = [
         r for r in app.router.routes
         if not (isinstance(r, WebSocketRoute) and r.path in (PATH, MCP_PATH))

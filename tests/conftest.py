@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -91,6 +92,33 @@ class ServerProcess:
         stop_process_group(self.proc)
         self._log.close()
         self.log_path.unlink(missing_ok=True)
+
+
+PACKAGE_FOLDERS = ("actions", "episode", "sandbox", "server", "tasks")
+
+
+def run_in_package_copy(tmp_path: Path, new_modules: dict[str, str], task: str, probe: str,
+                        *args: str) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run ``probe`` (Python source; its argv: the copy's path, ``task``, ``args``) against a
+    copy of the package at ``tmp_path/tracefix_rl`` that holds ``new_modules`` (relative
+    path -> source) and, as its only curated task, ``task``."""
+    package = tmp_path / "tracefix_rl"
+    package.mkdir()
+    for path in REPO.glob("*.py"):
+        shutil.copy2(path, package / path.name)
+    for folder in PACKAGE_FOLDERS:
+        shutil.copytree(REPO / folder, package / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    curated = package / "task_data" / "curated"
+    curated.mkdir(parents=True)
+    shutil.copy2(REPO / "task_data" / "curated" / f"{task}.toml", curated)
+    for relative, source in new_modules.items():
+        (package / relative).write_text(source)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOG_LEVEL": "WARNING"}
+    return subprocess.run(
+        [sys.executable, "-c", probe, str(package), task, *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
 
 
 def run_refused_server(

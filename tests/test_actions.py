@@ -3,16 +3,14 @@ baseline agent's prompt and tool, the README table."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
+from tests.conftest import run_in_package_copy
 from tracefix_rl import inference
 from tracefix_rl.actions import ACTIONS, action_table, get_action, wire_fields
 from tracefix_rl.models import ACTION_TYPES, TraceFixAction
@@ -146,21 +144,7 @@ def test_the_readme_example_adds_an_action_with_one_module(tmp_path):
         re.S,
     )
     assert example, "the README's example action is missing"
-    package = tmp_path / "tracefix_rl"
-    package.mkdir()
-    for path in REPO.glob("*.py"):
-        shutil.copy2(path, package / path.name)
-    for folder in ("actions", "episode", "sandbox", "server", "tasks"):
-        shutil.copytree(
-            REPO / folder, package / folder, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    (package / "task_data" / "curated").mkdir(parents=True)
-    shutil.copy2(REPO / "task_data" / "curated" / f"{TASK}.toml", package / "task_data" / "curated")
-    (package / "actions" / "find.py").write_text(example.group(1))
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "LOG_LEVEL": "WARNING"}
-    probe = subprocess.run(
-        [sys.executable, "-c", EXAMPLE_PROBE, str(package), TASK],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    probe = run_in_package_copy(tmp_path, {"actions/find.py": example.group(1)}, TASK,
+                                EXAMPLE_PROBE)  # fmt: skip
     assert probe.returncode == 0, probe.stderr
     assert probe.stdout.strip() == "FIND works"

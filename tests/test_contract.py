@@ -65,7 +65,8 @@ def test_openapi_documents_every_status(server):
         ("/tasks", "get"): {"200", "413", "422", "503"},
         ("/schema", "get"): {"200", "413", "503"},
         ("/metadata", "get"): {"200", "413", "503"},
-        ("/mcp", "post"): {"200", "413", "503"},
+        ("/mcp", "post"): {"200", "202", "404", "413", "503"},
+        ("/mcp", "delete"): {"204", "400", "404", "413", "503"},
         # openenv 0.10's Task API
         ("/list_environments", "get"): {"200", "413", "503"},
         ("/{env_name}/splits", "get"): {"200", "400", "404", "413", "422", "503"},

@@ -428,9 +428,16 @@ MCP_BODIES = [
         b'{"jsonrpc": "2.0", "method": "openenv/session/close", "params": {"session_id": {}}}',
         -32602,
     ),  # fmt: skip
-    (b'{"jsonrpc": "2.0", "method": "openenv/session/create", "id": 1}', -32601),
-    (b'{"jsonrpc": "2.0", "method": "tools/list", "id": 1}', -32603),
-]
+    (b'{"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "submit"}, "id": 1}',
+     -32602),  # no session: a tools/call needs one
+    (b'{"jsonrpc": "2.0", "method": "tools/call", "params": {"name": 7}, "id": 1}', -32602),
+    (b'{"jsonrpc": "2.0", "method": "tools/call", "params": {"name": "submit", '
+     b'"session_id": "nope"}, "id": 1}', -32602),
+    (b'{"jsonrpc": "2.0", "method": "openenv/session/close", "params": {"session_id": "x"}}',
+     -32602),
+    (b'{"jsonrpc": "2.0", "method": "resources/list", "id": 1}', -32601),
+    (b'{"jsonrpc": "2.0", "method": "tools/list", "id": [1]}', -32600),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("body", "code"), MCP_BODIES)
@@ -483,7 +490,7 @@ def test_health_is_503_with_a_reason_when_the_sandbox_is_short(monkeypatch, prob
     monkeypatch.setattr("tracefix_rl.server.routes.get_sandbox", lambda: FakeSandbox(problem))
     monkeypatch.setattr("tracefix_rl.server.routes.get_registry", lambda: FakeRegistry())
     app = FastAPI()
-    app.post("/mcp")(lambda: {})  # register_http_routes wraps openenv's /mcp
+    app.post("/mcp")(lambda: {})  # openenv's /mcp: register_http_routes removes it
     register_http_routes(app, HttpEpisodes(capacity=1, ttl_s=10, grace_s=1))
     answer = TestClient(app).get("/health")
     body = answer.json()

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import websockets
 from openenv.core.generic_client import GenericEnvClient
+from openenv.validation.types import ProviderCapability
 
 from tests.conftest import FAKE_SECRET, REPO
 from tests.test_tasks import GOOD_TASK
@@ -288,7 +291,7 @@ def test_console_script_honours_port(start_server):
 def test_openenv_validate_local_and_url(server):
     for level, verdicts in (("static", {"pass"}), ("semantic", {"pass", "warn"})):
         local = subprocess.run(
-            [str(BIN / "openenv"), "validate", "--level", level, "--json"],
+            [str(BIN / "openenv"), "validate", "--level", level, "--json", "--skip-build"],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -299,7 +302,7 @@ def test_openenv_validate_local_and_url(server):
         assert report["verdict"] in verdicts, report
         statuses = {r["check_id"]: r["status"] for r in report["results"]}
         assert statuses["static.manifest"] == "pass"
-        # without Docker the runtime and semantic graders are skipped, never failed
+        # without a build (Docker) the runtime and semantic graders are skipped, never failed
         assert "fail" not in statuses.values(), statuses
     remote = subprocess.run(
         [str(BIN / "openenv"), "validate", "--url", server.url, "--json"],
@@ -311,3 +314,63 @@ def test_openenv_validate_local_and_url(server):
     report = json.loads(remote.stdout)
     assert report["passed"] is True
     assert report["summary"]["passed_count"] == report["summary"]["total_count"] == 6
+
+
+class LocalProcessProvider:
+    """An ``openenv validate`` provider that runs this checkout as a local server process
+    instead of building and starting the Docker image (no Docker here), so openenv's own
+    runtime graders check the server with the manifest's runtime plan."""
+
+    name = "local-process"
+    capabilities = frozenset({ProviderCapability.IMAGE_BUILD})
+    supported_network_modes = frozenset({"public"})
+
+    def __init__(self, start_server) -> None:
+        self._start_server = start_server
+
+    def build(self, root: Path, execution: Any) -> str:
+        assert (root / execution.dockerfile).is_file() and (root / execution.probe_path).is_file()
+        return "sha256:" + hashlib.sha256(str(root).encode()).hexdigest()
+
+    def start(self, spec: Any) -> Any:
+        process = self._start_server()
+
+        class Running:
+            base_url = process.url
+
+            def inspect(self) -> dict:
+                return {"pid": process.proc.pid}
+
+            def logs(self, max_bytes: int = 65536) -> str:
+                return process.log()[-max_bytes:]
+
+            def exec(self, argv: list[str], timeout_s: float) -> Any:
+                raise NotImplementedError("no exec capability declared")
+
+            def stop(self) -> None:
+                process.stop()
+
+        return Running()
+
+
+def test_openenv_runtime_validation_passes_with_the_runtime_plan(start_server):
+    """``validation.execution`` and ``validation/runtime.json`` are what openenv 0.10 needs
+    for its runtime level; its graders (startup, reward, observation schema, state
+    contract) pass on the server, and the plan solves its task."""
+    from openenv.validation.runner import run_validation
+    from openenv.validation.types import Level
+
+    plan = json.loads((REPO / "validation" / "runtime.json").read_text())
+    report = run_validation(REPO, max_level=Level.RUNTIME,
+                            provider=LocalProcessProvider(start_server))  # fmt: skip
+    statuses = {r.check_id: r.status.value for r in report.results}
+    for check in ("static.manifest", "runtime.startup", "runtime.reward_well_formed",
+                  "runtime.observation_schema", "runtime.state_contract"):  # fmt: skip
+        assert statuses[check] == "pass", (check, report.model_dump_json(indent=1)[:4000])
+    assert "fail" not in statuses.values() and "error" not in statuses.values(), statuses
+    # the plan really solves the task: replay it
+    with TraceFixEnv(base_url=start_server().url).sync() as env:
+        env.reset(**plan["reset"]["options"], seed=plan["reset"]["seed"])
+        for action in plan["actions"]:
+            result = env.step(TraceFixAction(**action))
+    assert result.done and result.observation.solved

@@ -21,7 +21,8 @@ def check_clean(result: dict) -> None:
     assert result["processes_after_stop"] == 0 and result["left_behind_after_stop"] == []
     assert result["server_tracebacks"] == 0 and result["server_error_lines"] == 0
     assert result["sandbox_faults"] == 0 and result["sandbox_respawns"] == 0
-    assert result["after"]["server_fds"] == result["before"]["server_fds"]
+    # no descriptor leaked (the "before" sample may still count the health probe's socket)
+    assert result["after"]["server_fds"] <= result["before"]["server_fds"]
 
 
 def test_soak_smoke():

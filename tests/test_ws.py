@@ -21,7 +21,7 @@ from tests.conftest import ServerProcess
 from tracefix_rl import client
 from tracefix_rl.client import CapacityError, SessionClosed, SessionExpired, TraceFixEnv
 from tracefix_rl.models import TraceFixAction
-from tracefix_rl.server import ws
+from tracefix_rl.server import mcp, ws
 
 TASK = "sum_of_evens_wrong_modulus"  # line 5 is the bug; the buggy code passes 1 of 4
 FIX = {"action_type": "REPLACE_LINES", "start_line": 5, "end_line": 5,
@@ -88,8 +88,10 @@ def test_client_and_server_agree_on_close_codes():
 
 
 def test_mcp_and_protocol_errors_match_openenv(ws_server):
-    """Frames openenv 0.3's own ``/ws`` answered get the same answers (MCP replies for an
-    environment without tools, unknown types, bad JSON); validation errors the same code."""
+    """Frames openenv's own ``/ws`` answered get the same answers (unknown types, bad JSON,
+    JSON-RPC errors), but for the tools, which openenv's app (no MCP tools) does not have:
+    ``tools/list`` lists them and an unknown tool is an invalid-params error naming them;
+    validation errors get the same code."""
     from openenv.core.env_server.http_server import create_app
 
     from tracefix_rl.environment import TraceFixEnvironment
@@ -132,9 +134,16 @@ def test_mcp_and_protocol_errors_match_openenv(ws_server):
         async with websockets.connect(url) as sock:
             return [await call(sock, text) for text in texts]
 
-    assert asyncio.run(ours("/ws", frames)) == expected["/ws"]
-    assert asyncio.run(ours("/mcp", mcp_frames)) == expected["/mcp"]
+    on_ws, on_mcp = asyncio.run(ours("/ws", frames)), asyncio.run(ours("/mcp", mcp_frames))
+    assert on_ws[2:] == expected["/ws"][2:] and on_mcp[2:] == expected["/mcp"][2:]
     assert expected["/ws"][0]["data"]["error"]["message"] == "Environment does not support MCP"
+    tools = [tool.listing() for tool in mcp.TOOLS]
+    unknown = f"Unknown tool: x; the tools are {', '.join(mcp.TOOLS_BY_NAME)}"
+    assert on_ws[0]["type"] == on_ws[1]["type"] == "mcp"
+    for listed, called in ((on_ws[0]["data"], on_ws[1]["data"]), (on_mcp[0], on_mcp[1])):
+        assert listed == {"jsonrpc": "2.0", "id": 1, "result": {"tools": tools}}
+        assert called == {"jsonrpc": "2.0", "id": "abc",
+                          "error": {"code": -32602, "message": unknown, "data": None}}  # fmt: skip
     assert expected["/mcp"][6]["error"]["code"] == -32700  # parse error
 
     async def session_ids() -> tuple[dict, dict, dict]:
@@ -215,12 +224,11 @@ def test_typed_client_raises_capacity_and_expiry_errors(start_server):
         refused = TraceFixEnv(base_url=proc.url)
         with pytest.raises(CapacityError, match="capacity"):
             await refused.reset()
-        mcp_url = proc.url.replace("http://", "ws://", 1) + "/mcp"  # the same cap holds there
-        async with websockets.connect(mcp_url) as mcp:
-            answer = json.loads(await asyncio.wait_for(mcp.recv(), WAIT_S))
-            assert answer["error"]["code"] == -32000 and "capacity" in answer["error"]["message"]
-            assert answer["error"]["data"] == {"active_sessions": 1, "max_sessions": 1}
-            assert (await close_code(mcp))[0] == 1013
+        mcp_url = proc.url.replace("http://", "ws://", 1) + "/mcp"  # MCP has its own cap
+        async with websockets.connect(mcp_url) as sock:
+            await sock.send(json.dumps({"jsonrpc": "2.0", "method": "tools/list", "id": 1}))
+            answer = json.loads(await asyncio.wait_for(sock.recv(), WAIT_S))
+            assert answer["result"]["tools"][0]["name"] == mcp.EPISODE_TOOL
         await refused.connect()  # now wait until the server has closed it: send fails
         await refused._ws.wait_closed()
         with pytest.raises(CapacityError) as error:
