@@ -114,7 +114,8 @@ def _tool_property(schema: dict[str, Any]) -> dict[str, Any]:
     """One property of the wire schema as a tool parameter: an optional field's
     ``anyOf [X, null]`` becomes X (tool callers omit what they do not give)."""
     options = [o for o in schema.get("anyOf", [schema]) if o.get("type") != "null"]
-    merged = {**options[0], **{k: v for k, v in schema.items() if k == "description"}}
+    kept = options[0] if len(options) == 1 else {"anyOf": options}  # e.g. integer or string
+    merged = {**kept, **{k: v for k, v in schema.items() if k == "description"}}
     return {k: v for k, v in merged.items() if k not in ("title", "default")}
 
 

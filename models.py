@@ -125,6 +125,8 @@ def json_integer(value: Any) -> Any:
     """
     if isinstance(value, float) and value.is_integer():
         return int(value)
+    if isinstance(value, list):  # a list[int] field: each item alike
+        return [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
     return value
 
 
@@ -159,7 +161,13 @@ def choice_schema(choices: tuple[str, ...]) -> dict[str, Any]:
     ]}  # fmt: skip
 
 
-_WIRE_TYPES: dict[type, Any] = {int: StrictInt, str: SafeText}
+_WIRE_TYPES: dict[Any, Any] = {
+    int: StrictInt,
+    str: SafeText,
+    list[int]: list[StrictInt],
+    list[str]: list[SafeText],
+    int | str: StrictInt | SafeText,
+}
 """How an action parameter's type is accepted on the wire (see :func:`json_integer` and
 :data:`SafeText`)."""
 
@@ -192,7 +200,7 @@ def _action_model() -> type[Action]:
             default=None, description="Optional free-text reasoning; ignored by the environment."
         ),
     )
-    integers = [param.name for param in params if param.type is int]
+    integers = [param.name for param in params if param.type in (int, list[int], int | str)]
     validators = {"_json_integers": field_validator(*integers, mode="before")(json_integer)}
     return create_model(
         "TraceFixAction",

@@ -36,9 +36,9 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from tracefix_rl.actions import ACTIONS, Action
+from tracefix_rl.actions import ACTIONS, Action, parameter_kind
 from tracefix_rl.client import CapacityError, SessionClosed, TraceFixEnv
 from tracefix_rl.episode.render import observation_text
 from tracefix_rl.models import TraceFixAction, TraceFixObservation
@@ -202,9 +202,7 @@ def _tool_method(action: Action) -> Callable[..., str]:
     required, optional = [], []
     args_doc = []
     for name, info in action.Params.model_fields.items():
-        kinds = [kind for kind in (get_args(info.annotation) or (info.annotation,))
-                 if kind is not type(None)]  # fmt: skip
-        kind = kinds[0]
+        kind = parameter_kind(info.annotation)
         if info.is_required():
             required.append(inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
                                               annotation=kind))  # fmt: skip

@@ -10,11 +10,14 @@ the README table.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
+import operator
 import pkgutil
 from dataclasses import dataclass
-from typing import get_args
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from tracefix_rl.actions.base import Action, ActionParams, NoParams
 
@@ -23,9 +26,11 @@ __all__ = [
     "Action",
     "ActionParams",
     "NoParams",
+    "WIRE_KINDS",
     "WireField",
     "action_table",
     "get_action",
+    "parameter_kind",
     "wire_fields",
 ]
 
@@ -67,22 +72,38 @@ class WireField:
     action that takes it."""
 
     name: str
-    type: type
+    type: Any  # one of WIRE_KINDS
     description: str
     actions: tuple[str, ...]
+
+
+WIRE_KINDS: tuple[Any, ...] = (int, str, list[int], list[str], int | str)
+"""The types an action parameter may have (``None`` aside): the wire model accepts each
+strictly (``models._WIRE_TYPES``)."""
+
+
+def parameter_kind(annotation: Any) -> Any:
+    """A parameter's type without ``None``: ``int | None`` is ``int``, ``int | str | None``
+    is ``int | str``; ``TypeError`` unless it is one of :data:`WIRE_KINDS`."""
+    if get_origin(annotation) in (Union, UnionType):
+        kinds = [kind for kind in get_args(annotation) if kind is not type(None)]
+        annotation = functools.reduce(operator.or_, kinds)
+    if annotation not in WIRE_KINDS:
+        raise TypeError(f"a parameter's type is one of {WIRE_KINDS} (or None), not {annotation}")
+    return annotation
 
 
 def wire_fields() -> list[WireField]:
     """Every action's parameters merged into one list (first use first): a field two
     actions share must have the same type; its descriptions are joined."""
-    seen: dict[str, list[tuple[str, type, str]]] = {}
+    seen: dict[str, list[tuple[str, Any, str]]] = {}
     for action in ACTIONS:
         for name, info in action.Params.model_fields.items():
-            union = get_args(info.annotation) or (info.annotation,)
-            kinds = [kind for kind in union if kind is not type(None)]
-            if len(kinds) != 1 or kinds[0] not in (int, str):
-                raise TypeError(f"{action.name}.{name}: parameters are int or str fields")
-            seen.setdefault(name, []).append((action.name, kinds[0], info.description or ""))
+            try:
+                kind = parameter_kind(info.annotation)
+            except TypeError as exc:
+                raise TypeError(f"{action.name}.{name}: {exc}") from None
+            seen.setdefault(name, []).append((action.name, kind, info.description or ""))
     fields = []
     for name, uses in seen.items():
         types = {kind for _, kind, _ in uses}

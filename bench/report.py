@@ -30,6 +30,8 @@ TARGET_EDIT_P99_MS = 1000
 TARGET_RSS_PER_SESSION_KB = 200
 TARGET_TESTS_HALF_SESSIONS = 256
 TARGET_TESTS_HALF_P99_MS = 1000
+TARGET_TRACE_RATIO = 3.0
+LOCATOR_ARMS = (("static", "static (no run)"), ("run_tests", "RUN_TESTS"), ("trace", "TRACE"))
 
 
 def load(results: Path) -> dict[str, dict[str, Any]]:
@@ -137,6 +139,21 @@ def targets(data: dict[str, dict[str, Any]]) -> list[tuple[str, str, str]]:
             f"{soak['orphans']} orphans; {soak['leftover_entries']} leftover entries",
             _yes(soak["errors"] == 0 and soak["rss_flat"] and soak["orphans"] == 0
                  and soak["leftover_entries"] == 0 and not soak["left_behind_after_stop"]),
+        ))  # fmt: skip
+    trace = data.get("trace")
+    if trace:
+        speed = trace["speed"]
+        pooled = speed["tiers"]
+        worst = max(speed["tasks"], key=lambda t: speed["tasks"][t]["ratio_p50"])
+        ratio = speed["tasks"][worst]["ratio_p50"]
+        events = speed["tasks"][worst].get("traced_line_events")
+        why = f", a traced run of {events:,} line events" if events else ""
+        rows.append((
+            f"TRACE p50 ≤ {speed.get('target_ratio', TARGET_TRACE_RATIO):g}× RUN_TESTS p50 "
+            "of the same task",
+            " / ".join(f"{t} {pooled[t]['ratio_p50']}×" for t in TIERS if t in pooled)
+            + f" (tier p50s); worst of {len(speed['tasks'])} tasks {ratio}× ({worst}{why})",
+            _yes(ratio <= speed.get("target_ratio", TARGET_TRACE_RATIO)),
         ))  # fmt: skip
     cold = data.get("coldstart")
     if cold:
@@ -294,6 +311,58 @@ def soak_section(soak: dict[str, Any]) -> str:
     return "\n\n".join(["## Soak (`bench/soak_bench.py`)", text, table(header, samples)])
 
 
+def trace_section(trace: dict[str, Any]) -> str:
+    speed, found = trace["speed"], trace["helpfulness"]
+    tiers = speed["tiers"]
+    speed_rows = [
+        [tier, row["tasks"],
+         f"{row['run_tests']['p50_ms']:.2f} / {row['run_tests']['p99_ms']:.2f}",
+         f"{row['trace']['p50_ms']:.2f} / {row['trace']['p99_ms']:.2f}",
+         f"{row['ratio_p50']}×",
+         f"{row['ratio_p50_per_task_median']}× / {row['worst_task_ratio_p50']}×"]
+        for tier, row in ((t, tiers[t]) for t in TIERS if t in tiers)
+    ]  # fmt: skip
+    speed_header = ["tier", "tasks", "RUN_TESTS p50 / p99 ms", "TRACE p50 / p99 ms",
+                    "ratio of p50s", "per-task ratio median / worst"]  # fmt: skip
+
+    def cells(tally: dict[str, Any]) -> list[Any]:
+        row: list[Any] = [tally["n"]]
+        row += [f"{tally[arm]['top1']} / {tally[arm]['top3']}" for arm, _ in LOCATOR_ARMS]
+        ties = tally["trace"]
+        row += [f"{ties['top1_random_ties']:g} / {ties['top3_random_ties']:g}",
+                f"{ties['mean_steps']:g}"]  # fmt: skip
+        return row
+
+    located = [[tier, *cells(found["tiers"][tier])] for tier in TIERS if tier in found["tiers"]]
+    located.append(["**all**", *cells(found["overall"])])
+    located_header = ["tier", "tasks",
+                      *(f"{name} top-1 / top-3" for _, name in LOCATOR_ARMS),
+                      "TRACE, ties at random", "TRACE steps (RUN_TESTS: 1)"]  # fmt: skip
+    quick = " (quick run: one task per tier)" if trace.get("quick") else ""
+    return "\n\n".join([
+        "## TRACE (`bench/trace_bench.py`)",
+        f"Speed{quick}: in-process environment steps with the real sandbox, "
+        f"{speed['rounds_per_task']} of each kind per task: RUN_TESTS (every visible test) "
+        "against TRACE of the task's first failing visible test (the test run once as "
+        "RUN_TESTS runs it, then once more under `sys.settrace`). Every measured step "
+        "follows the same untimed toggle edit (a comment line appended, or undone), so "
+        "RUN_TESTS never reuses its cached verdict and both kinds reach the sandbox every "
+        "time; the kinds alternate. p50 and p99 pool the samples of the tier's tasks; the "
+        "target holds per task.",
+        table(speed_header, speed_rows),
+        "Helpfulness: scripted fault locators name the buggy line of each curated task from "
+        "observations only (never the solution); a hit is a line where `buggy_code` differs "
+        "from `solution` (for an inserted fix, the buggy lines beside the insertion). "
+        "*static*: statement lines in file order; *RUN_TESTS*: the lines where failing "
+        "tests raised (one RUN_TESTS step), then static; *TRACE*: Ochiai over the executed "
+        "lines of passing and failing tests (one TRACE per visible test), ties broken by the "
+        "line a failing test raised at, then file order. Counts of tasks whose first 1 or 3 "
+        "ranked lines hold a buggy line; \"ties at random\" is TRACE's expected count had "
+        "its tied lines been ordered at random instead of by file order.",
+        table(located_header, located),
+    ])  # fmt: skip
+
+
 def startup_section(cold: dict[str, Any] | None, gen: dict[str, Any] | None) -> str:
     parts = ["## Start-up and task generation"]
     if cold:
@@ -339,6 +408,8 @@ def markdown(data: dict[str, dict[str, Any]]) -> str:
         parts.append(sessions_section(data["sessions"]))
     if "soak" in data:
         parts.append(soak_section(data["soak"]))
+    if "trace" in data:
+        parts.append(trace_section(data["trace"]))
     parts.append(startup_section(data.get("coldstart"), data.get("generate")))
     return "\n\n".join(parts) + "\n"
 

@@ -4,9 +4,11 @@
 
 Runs, each in a fresh process so one cannot warm or slow the next: the sandbox benchmark,
 the sessions benchmark (WebSocket N = 64, 256, 512; stateful HTTP N = 64, 256; 256
-WebSocket sessions of 10 steps, half RUN_TESTS), cold start (5 runs), corpus generation and
-the 6,000-episode soak; then ``bench/report.py``. About 9 minutes on 2 cores. The JSON and
-plots go to ``bench/results/``, the table to ``BENCHMARKS.md``: the committed results.
+WebSocket sessions of 10 steps, half RUN_TESTS), cold start (5 runs), corpus generation,
+the 6,000-episode soak and the TRACE benchmark (TRACE vs RUN_TESTS latency on every curated
+task, and the fault-locator study); then ``bench/report.py``. About 10 minutes on 2 cores.
+The JSON and plots go to ``bench/results/``, the table to ``BENCHMARKS.md``: the committed
+results.
 
 ``--quick`` is a smoke run (few samples, 32 sessions, no generation) whose JSON, plots and
 ``BENCHMARKS.md`` go to a new scratch folder (printed; ``--results DIR`` picks it), never
@@ -44,12 +46,14 @@ FULL = [
     ["coldstart_bench.py", "--runs", "5"],
     ["generate_bench.py"],
     ["soak_bench.py", "--episodes", "6000"],
+    ["trace_bench.py"],
 ]
 QUICK = [
     ["sandbox_bench.py", "--quick"],
     ["sessions_bench.py", "--sessions", "32", "--http", "32", "--tests-half", "32"],
     ["coldstart_bench.py", "--runs", "2"],
     ["soak_bench.py", "--quick"],
+    ["trace_bench.py", "--quick"],
 ]
 
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 from tracefix_rl.episode.editor import SyntaxProblem
 from tracefix_rl.episode.errors import ActionError
+from tracefix_rl.episode.trace import TraceData, trace_of
 from tracefix_rl.judge import TestVerdict, Verdict, judge
 from tracefix_rl.sandbox import (
     EvalRequest,
@@ -90,8 +92,26 @@ class Grader:
                 log.warning("sandbox busy while grading; retrying")
         raise AssertionError("unreachable")
 
+    def trace(
+        self, task: Task, code: str, index: int, spec: dict[str, Any]
+    ) -> tuple[TestVerdict, str, TraceData | None, str]:
+        """Visible test ``index`` of ``task`` run once as RUN_TESTS runs it (its verdict
+        and output), then once more under tracing (``spec``: ``lines``, ``watch``): the
+        verdict, the output, the trace (None when unusable) and why it is missing. The
+        trace record is read apart from the records the judge sees."""
+        test = task.visible_tests[index]
+        result = self._evaluate(code, (test,), labels=(test.name,), trace=spec)
+        trace, missing = trace_of(result.records)
+        result.records = [record for record in result.records if "trace" not in record]
+        verdict = judge(result, task.expected_visible[index : index + 1])
+        return verdict.tests[0], result.output, trace, missing
+
     def _evaluate(
-        self, code: str, tests: tuple[TaskTest, ...], labels: tuple[str, ...] = ()
+        self,
+        code: str,
+        tests: tuple[TaskTest, ...],
+        labels: tuple[str, ...] = (),
+        trace: dict[str, Any] | None = None,
     ) -> EvalResult:
         if not self._evaluating.acquire(blocking=False):
             raise ActionError("an evaluation is already running for this episode")
@@ -99,7 +119,8 @@ class Grader:
             if self._closed:
                 raise EvaluationCancelled("the environment was closed")
             self._cancel = threading.Event()
-            request = EvalRequest(code=code, tests=tuple(t.code for t in tests), labels=labels)
+            request = EvalRequest(code=code, tests=tuple(t.code for t in tests), labels=labels,
+                                  trace=trace)  # fmt: skip
             return self.sandbox.run(request, cancel=self._cancel)
         finally:
             self._evaluating.release()

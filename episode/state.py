@@ -3,11 +3,14 @@ step showed. Actions change it; :meth:`Episode.observe` turns it into an observa
 
 from __future__ import annotations
 
+from typing import Any
+
 from tracefix_rl.episode import render
 from tracefix_rl.episode.editor import Editor
 from tracefix_rl.episode.grading import Grader
 from tracefix_rl.episode.reward import REWARD_DIGITS, Shaping
-from tracefix_rl.judge import Verdict
+from tracefix_rl.episode.trace import TraceData
+from tracefix_rl.judge import TestVerdict, Verdict
 from tracefix_rl.models import TestResult, TraceFixObservation, TraceFixState
 from tracefix_rl.tasks import Task
 
@@ -68,6 +71,12 @@ class Episode:
             verdict, output = self._grader.visible(self.task, code, self.editor.syntax_problem())
             self._measured = (code, verdict, output)
         return self._measured[1], self._measured[2]
+
+    def trace_visible(
+        self, index: int, spec: dict[str, Any]
+    ) -> tuple[TestVerdict, str, TraceData | None, str]:
+        """TRACE of visible test ``index`` on the current code (see ``Grader.trace``)."""
+        return self._grader.trace(self.task, self.editor.code, index, spec)
 
     def finish(self, truncated: bool) -> float:
         """Grade the current code on every test, end the episode, return the final reward.

@@ -6,6 +6,10 @@ the exception raised) and written as one JSON line ``{"i": index, "v": value}`` 
 ``{"i": index, "e": "TypeName", "m": message, "ln": line}`` to the result pipe. Nothing here
 decides pass or fail: the judge in the server compares the records with expected values that
 never enter this process.
+
+A request with ``"trace"`` (TRACE: one test) then runs that test once more under
+``sys.settrace`` and writes one ``{"trace": {...}}`` record of what it saw
+(:func:`_trace_run`); the server reads it as untrusted data, apart from the verdict.
 """
 
 from __future__ import annotations
@@ -154,6 +158,163 @@ def warm_up() -> None:
     _dumps({"i": 0, "v": value}, separators=(",", ":")).encode()
 
 
+# ---------------------------------------------------------------------------
+# Tracing (TRACE): one test re-run under sys.settrace; observations only
+# ---------------------------------------------------------------------------
+
+
+class _Discard:
+    """A stdout/stderr that drops what the traced re-run prints (the first run's output is
+    the one shown)."""
+
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _short_repr(value: Any, limit: int) -> str:
+    try:
+        text = repr(value)
+    except BaseException as exc:  # noqa: BLE001 - a repr that fails is shown as such
+        text = f"<repr failed: {type(exc).__name__}>"
+    if not isinstance(text, str):
+        text = "<repr failed: not a str>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _frame_locals(frame: Any, max_vars: int, repr_chars: int) -> dict[str, str]:
+    names: dict[str, str] = {}
+    try:
+        items = list(frame.f_locals.items())
+    except BaseException:  # noqa: BLE001
+        return names
+    for name, value in items:
+        if not isinstance(name, str) or name.startswith("__"):
+            continue
+        if len(names) == max_vars:
+            names["..."] = f"{len(items) - max_vars} more"
+            break
+        names[name] = _short_repr(value, repr_chars)
+    return names
+
+
+def _trace_run(namespace: dict[str, Any], body: Any, expr: Any, spec: dict[str, Any]) -> dict:
+    """Run a compiled test (``body``, then ``expr``) under ``sys.settrace`` in ``namespace``
+    and return what was seen in the agent's code (``<solution>`` frames only):
+
+    * ``path``: the first ``spec["max_events"]`` executed line numbers, ``events`` all;
+    * ``snaps``: at each line of ``spec["lines"]`` (before it runs; the first
+      ``spec["max_hits"]`` times), its frame's locals and ``spec["watch"]`` evaluated there;
+    * ``exc``: the line, locals and watches of the frame where the exception that ended
+      the test was raised; ``ret``: those of the last return to the test, and its value;
+    * ``end``: ``"value"``, ``"exception"`` (with ``error``) or ``"timeout"``.
+    Every value is a repr of at most ``spec["repr_chars"]`` characters, of at most
+    ``spec["max_vars"]`` names per frame (the bounds come with the request)."""
+    max_events, max_hits = int(spec["max_events"]), int(spec["max_hits"])
+    max_vars, repr_chars = int(spec["max_vars"]), int(spec["repr_chars"])
+    wanted = set(spec.get("lines") or ())
+    watches = []
+    for text in spec.get("watch") or ():
+        try:
+            watches.append((text, compile(text, "<watch>", "eval")))
+        except BaseException as exc:  # noqa: BLE001 - checked by the server already
+            watches.append((text, exc))
+    path: list[int] = []
+    hits: dict[int, int] = {}
+    snaps: list[dict[str, Any]] = []
+    seen: dict[str, Any] = {"events": 0, "exc": None, "exc_obj": None, "ret": None}
+
+    def snapshot(frame: Any, line: int, **extra: Any) -> dict[str, Any]:
+        """The frame's locals at ``line`` and the watch expressions evaluated there."""
+        snap: dict[str, Any] = {"line": line, **extra,
+                                "locals": _frame_locals(frame, max_vars, repr_chars)}  # fmt: skip
+        if watches:
+            values = {}
+            for text, compiled in watches:
+                if isinstance(compiled, BaseException):
+                    values[text] = f"<invalid: {type(compiled).__name__}>"
+                    continue
+                try:
+                    value = eval(compiled, frame.f_globals, frame.f_locals)
+                    values[text] = _short_repr(value, repr_chars)
+                except TestTimeout:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - shown as the watch's value
+                    values[text] = f"<{type(exc).__name__}: {_short_repr(str(exc), repr_chars)}>"
+            snap["watch"] = values
+        return snap
+
+    def local(frame: Any, event: str, arg: Any) -> Any:
+        if event == "line":
+            line = frame.f_lineno
+            seen["events"] += 1
+            if len(path) < max_events:
+                path.append(line)
+            if line in wanted and hits.get(line, 0) < max_hits:
+                hits[line] = hits.get(line, 0) + 1
+                snaps.append(snapshot(frame, line, hit=hits[line]))
+        elif event == "exception":
+            if seen["exc_obj"] is not arg[1]:  # the innermost frame of a new exception
+                seen["exc_obj"] = arg[1]
+                seen["exc"] = snapshot(frame, frame.f_lineno)
+        elif event == "return":
+            caller = frame.f_back
+            if caller is not None and caller.f_code.co_filename == TEST_FILENAME:
+                seen["ret"] = snapshot(frame, frame.f_lineno, value=_short_repr(arg, repr_chars),
+                                       name=frame.f_code.co_name)  # fmt: skip
+        return local
+
+    def start(frame: Any, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename == SOLUTION_FILENAME else None
+
+    report: dict[str, Any] = {}
+    saved = sys.stdout, sys.stderr
+    sys.stdout = sys.stderr = _Discard()
+    sys.settrace(start)
+    try:
+        exec(body, namespace)
+        if expr is not None:
+            eval(expr, namespace)
+        report["end"] = "value"
+    except TestTimeout:
+        report["end"] = "timeout"
+    except BaseException as exc:  # noqa: BLE001 - the test's failure is an observation
+        report["end"] = "exception"
+        report["error"] = type(exc).__name__
+        if seen["exc_obj"] is not exc:
+            seen["exc"] = None
+    finally:
+        sys.settrace(None)
+        sys.stdout, sys.stderr = saved
+    report.update(path=path, events=seen["events"], snaps=snaps)
+    if seen["exc"] is not None:
+        report["exc"] = seen["exc"]
+    if seen["ret"] is not None:
+        report["ret"] = seen["ret"]
+    return report
+
+
+def _traced_record(code: Any, source: str, spec: dict[str, Any], per_test: float) -> dict:
+    """``{"trace": report}`` for one test, re-run from a fresh namespace under the same
+    per-test time limit (the verdict comes from the untraced run before it)."""
+    try:
+        body, expr = _compile_test(source)
+        namespace: dict[str, Any] = {"__name__": "solution", "__builtins__": builtins}
+        signal.setitimer(signal.ITIMER_REAL, per_test)
+        try:
+            exec(code, namespace)
+            return {"trace": _trace_run(namespace, body, expr, spec)}
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except TestTimeout:
+        return {"trace": {"end": "timeout", "path": [], "events": 0, "snaps": []}}
+    except BaseException as exc:  # noqa: BLE001 - the module itself failed to load
+        return {"trace": {"end": "exception", "error": type(exc).__name__, "path": [],
+                          "events": 0, "snaps": []}}  # fmt: skip
+
+
 def run_tests(request: dict[str, Any], fd: int) -> None:
     """Evaluate ``request`` (code, tests, labels, limits) and stream records to ``fd``.
 
@@ -216,6 +377,9 @@ def run_tests(request: dict[str, Any], fd: int) -> None:
                 if line is not None:
                     record["ln"] = line
         emit(record)
+    spec = request.get("trace")
+    if spec is not None and code is not None and request["tests"]:
+        emit(_traced_record(code, request["tests"][0], spec, per_test))
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

@@ -774,10 +774,11 @@ class ZygotePool:
                 f"{self.queue_timeout_s:.0f}s; retry later"
             )
         limits = request.limits or self.limits
-        payload = json.dumps(
-            {"code": request.code, "tests": list(request.tests),
-             "labels": list(request.labels), "limits": asdict(limits)}
-        ).encode()  # fmt: skip
+        message = {"code": request.code, "tests": list(request.tests),
+                   "labels": list(request.labels), "limits": asdict(limits)}  # fmt: skip
+        if request.trace is not None:
+            message["trace"] = request.trace
+        payload = json.dumps(message).encode()
         try:
             deadline = time.monotonic() + self.queue_timeout_s + limits.wall_s
             fault = ""

@@ -29,7 +29,8 @@ def test_the_registry_holds_one_action_per_module_in_order():
     )
     assert [a.order for a in ACTIONS] == sorted(a.order for a in ACTIONS)
     assert ACTION_TYPES == (
-        "VIEW_CODE", "RUN_TESTS", "REPLACE_LINES", "UNDO_EDIT", "RESET_TO_ORIGINAL", "SUBMIT",
+        "VIEW_CODE", "RUN_TESTS", "TRACE", "REPLACE_LINES", "UNDO_EDIT", "RESET_TO_ORIGINAL",
+        "SUBMIT",
     )  # fmt: skip
     for action in ACTIONS:
         assert re.fullmatch(r"[A-Z][A-Z_]*", action.name) and action.description.strip()
@@ -40,7 +41,7 @@ def test_the_wire_model_is_derived_from_the_registry():
     schema = TraceFixAction.model_json_schema()
     assert schema["properties"]["action_type"]["enum"] == list(ACTION_TYPES)
     params = {field.name for field in wire_fields()}
-    assert params == {"start_line", "end_line", "new_code_block"}
+    assert params == {"start_line", "end_line", "new_code_block", "test", "lines", "watch"}
     assert set(TraceFixAction.model_fields) == {"metadata", "action_type", "thought"} | params
     assert schema["additionalProperties"] is False
     for action in ACTIONS:
@@ -76,6 +77,8 @@ def test_the_baseline_agent_derives_its_prompt_and_tool():
     assert tool["properties"]["start_line"] == {
         "type": "integer", "description": wire["start_line"]["description"],
     }  # fmt: skip
+    assert tool["properties"]["test"]["anyOf"] == [{"type": "integer"}, {"type": "string"}]
+    assert tool["properties"]["lines"]["items"] == {"type": "integer"}  # list parameters
     assert tool["required"] == ["action_type"]
     prompt = inference.system_prompt()
     for action in ACTIONS:

@@ -14,6 +14,7 @@ sys.path.insert(0, str(REPO / "bench"))
 import report  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TRACE_TARGET = "TRACE p50 ≤ 3× RUN_TESTS p50 of the same task"
 
 
 def committed_results(tmp_path: Path) -> Path:
@@ -40,6 +41,16 @@ def test_report_writes_table_and_plots_from_the_results(tmp_path):
         assert f"| {run['transport']} | {run['sessions']} | {run['errors']} |" in text
     found = verdicts(text)
     assert len(found) >= 8 and set(found.values()) <= {"**met**", "**not met**"}
+    trace = json.loads((results / "trace.json").read_text())
+    assert "## TRACE (`bench/trace_bench.py`)" in text
+    assert TRACE_TARGET in found
+    for tier, row in trace["speed"]["tiers"].items():
+        assert f"| {tier} | {row['tasks']} | {row['run_tests']['p50_ms']:.2f} / " in text
+    overall = trace["helpfulness"]["overall"]
+    assert (f"| **all** | {overall['n']} | {overall['static']['top1']} / "
+            f"{overall['static']['top3']} | {overall['run_tests']['top1']} / "
+            f"{overall['run_tests']['top3']} | {overall['trace']['top1']} / "
+            f"{overall['trace']['top3']} |") in text  # fmt: skip
 
 
 def test_a_failed_run_is_reported_as_not_met(tmp_path):
@@ -53,7 +64,15 @@ def test_a_failed_run_is_reported_as_not_met(tmp_path):
     cold = json.loads((results / "coldstart.json").read_text())
     cold["first_reset_200"]["median_s"] = 9.0
     (results / "coldstart.json").write_text(json.dumps(cold))
+    trace = json.loads((results / "trace.json").read_text())
+    for row in trace["speed"]["tasks"].values():
+        row["ratio_p50"] = 1.0
+    found = verdicts(report.markdown({"trace": trace}))
+    assert found[TRACE_TARGET] == "**met**"
+    next(iter(trace["speed"]["tasks"].values()))["ratio_p50"] = 3.5  # one task is enough
+    (results / "trace.json").write_text(json.dumps(trace))
     found = verdicts(report.markdown(report.load(results)))
     assert found["512 concurrent WS sessions, 0 errors"] == "**not met**"
     assert found["P99 VIEW/REPLACE < 1 s at 512 sessions"] == "**not met**"
     assert found["cold start to first /reset 200 ≤ 2 s"] == "**not met**"
+    assert found[TRACE_TARGET] == "**not met**"

@@ -24,11 +24,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
+from typing import Any
 
 import httpx
 import pytest
 
 from tests.conftest import FAKE_SECRET, REPO, ServerProcess
+from tracefix_rl.episode.trace import REPORT_CHARS
 from tracefix_rl.sandbox import layers
 
 TASK = "sum_of_evens_wrong_modulus"
@@ -289,6 +291,7 @@ class Payload:
     check: Callable[[dict, World], None]
     action: str = "RUN_TESTS"
     needs_seccomp: bool = False
+    params: dict[str, Any] = field(default_factory=dict)  # the action's parameters
 
 
 def passed(n: int) -> Callable[[dict, World], None]:
@@ -389,6 +392,26 @@ def proc_of_server(obs: dict, world: World) -> None:
 def forged_submit(obs: dict, world: World) -> None:
     """Forging records only matches values the forger already knows (the visible example)."""
     assert obs["score"] is not None and obs["solved"] is False and obs["score"] < 0.5
+
+
+def trace_bounded(*expected: str) -> Callable[[dict, World], None]:
+    """A TRACE report, within its cap, saying each of ``expected``."""
+
+    def check(obs: dict, world: World) -> None:
+        report = obs["last_execution_output"]
+        assert obs["last_action_error"] is None, obs["last_action_error"]
+        assert report.startswith("TRACE of visible test 1 of 4") and len(report) <= REPORT_CHARS
+        for text in expected:
+            assert text in report, report
+
+    return check
+
+
+def trace_reads_task_file(obs: dict, world: World) -> None:
+    """A watch expression is agent code: it runs in the sandbox child, no further."""
+    trace_bounded("Result: PASS")(obs, world)
+    report = obs["last_execution_output"]
+    assert ("= True" in report) is (not world.landlock), report
 
 
 def tampered(obs: dict, world: World) -> None:
@@ -494,6 +517,35 @@ def sum_of_evens(nums):
     for index in range(40):
         os.write(fd, b'{"i": %d, "v": 6}\\n' % index)
     os._exit(0)
+"""
+
+TRACE_FORGERY = """
+import os, sys
+FAKE = {"end": "value", "path": [1] * 1999, "events": 10**12, "snaps": [
+    {"line": 1, "hit": 1, "locals": {"v" * 60: "x" * 5000 for _ in range(1)}}] * 60}
+def sum_of_evens(nums):
+    frame = sys._getframe()
+    while frame is not None and 'fd' not in frame.f_locals:
+        frame = frame.f_back
+    if frame is not None:
+        import json
+        os.write(frame.f_locals['fd'], (json.dumps({"trace": FAKE}) + "\\n").encode())
+    return sum(n for n in nums if n % 2 == 0)
+"""
+
+TRACE_HIJACK = """
+import sys
+sys.settrace = lambda *args: None
+class Loud:
+    def __repr__(self):
+        return "L" * 10**7
+class Stuck:
+    def __repr__(self):
+        while True:
+            pass
+def sum_of_evens(nums):
+    loud, stuck = Loud(), Stuck()
+    return sum(n for n in nums if n % 2 == 0)
 """
 
 GC_FORGERY = """
@@ -638,6 +690,17 @@ PAYLOADS = [
             "def sum_of_evens(nums):\n    return Sly(sum(n for n in nums if n % 2 == 0))\n",
             all_fail_with("unserializable")),
     Payload("frame_walk_forged_records", FRAME_WALK_FORGERY, forged_submit, action="SUBMIT"),
+    Payload("trace_forged_trace_record", TRACE_FORGERY, trace_bounded(
+        "Result: PASS", "no trace: the program wrote records of its own"),
+        action="TRACE", params={"test": 1}),
+    Payload("trace_hijack_and_repr_bombs", TRACE_HIJACK, trace_bounded("Result: PASS"),
+            action="TRACE", params={"test": 1, "lines": [12], "watch": ["loud", "stuck"]}),
+    Payload("trace_watch_kills_the_parent", CORRECT, trace_bounded("PermissionError"),
+            action="TRACE", params={"test": 1, "lines": [2], "watch": [
+                "__import__('os').kill(__import__('os').getppid(), 9)"]}, needs_seccomp=True),
+    Payload("trace_watch_reads_the_task", CORRECT, trace_reads_task_file, action="TRACE",
+            params={"test": 1, "lines": [2],
+                    "watch": ["'hidden_tests' in open('$task_file').read()"]}),
     Payload("gc_found_emit_forgery", GC_FORGERY, tampered),
     Payload("forged_records_on_other_fds", guarded(
         "import os\nfor fd in range(3, 64):\n    try:\n"
@@ -752,9 +815,9 @@ def test_payload(world: World, payload: Payload):
     edit = replace_all(world, episode, code)
     assert edit["observation"]["last_action_error"] is None
     started = time.monotonic()
-    result = post(
-        world, "/step", {"episode_id": episode, "action": {"action_type": payload.action}}
-    )
+    params = json.loads(Template(json.dumps(payload.params)).safe_substitute(world.values()))
+    action = {"action_type": payload.action, **params}
+    result = post(world, "/step", {"episode_id": episode, "action": action})
     assert time.monotonic() - started < 30
     payload.check(result["observation"], world)
 
