@@ -6,7 +6,7 @@ Runs, each in a fresh process so one cannot warm or slow the next: the sandbox b
 the sessions benchmark (WebSocket N = 64, 256, 512; stateful HTTP N = 64, 256; 256
 WebSocket sessions of 10 steps, half RUN_TESTS), cold start (5 runs), corpus generation,
 the 6,000-episode soak and the TRACE benchmark (TRACE vs RUN_TESTS latency on every curated
-task, and the fault-locator study); then ``bench/report.py``. About 10 minutes on 2 cores.
+task, and the fault-locator study); then ``bench/report.py``. About 5 minutes on 2 cores.
 The JSON and plots go to ``bench/results/``, the table to ``BENCHMARKS.md``: the committed
 results.
 

@@ -84,7 +84,7 @@ ARMS = {
     "failing test raised there first, then file order; then static",
 }
 _RAISE_LINE = re.compile(r"\(line (\d+)\)$")
-_EXECUTED = re.compile(r"^Executed lines \((\d+) line events\): (.*)$")
+_EXECUTED = re.compile(r"^Executed lines \((?:the first )?(\d+) line events[^)]*\): (.*)$")
 _RAISED = re.compile(r"^Raised \S+ at line (\d+);")
 _TOKEN = re.compile(r"\[([\d ]+)\]×\d+|(\d+)×\d+|(\d+)")
 _MORE = " ... ("

@@ -49,6 +49,7 @@ class TraceData(_Strict):
     error: str | None = None
     path: list[int] = Field(max_length=PATH_EVENTS)
     events: int = Field(ge=0)
+    lines_stopped: bool = False
     snaps: list[Snapshot] = Field(max_length=MAX_SNAPSHOTS)
     exc: Snapshot | None = None
     ret: Snapshot | None = None
@@ -127,12 +128,19 @@ def render_report(heading: str, result: str, data: TraceData | None, missing: st
             parts.append("The traced run timed out: the trace below is partial.")
         shown = fold_path(data.path)
         more = data.events - len(data.path)
-        if more > 0:
-            shown += f" ... ({more} more line events not shown)"
-        parts.append(f"Executed lines ({data.events} line events): {shown or '(none)'}")
+        if data.lines_stopped:
+            counted = f"the first {data.events} line events; lines were not traced after them"
+        else:
+            counted = f"{data.events} line events"
+            if more > 0:
+                shown += f" ... ({more} more line events not shown)"
+        parts.append(f"Executed lines ({counted}): {shown or '(none)'}")
+        error = _shown(data.error or "an exception")
         if data.end == "exception" and data.exc is not None:
-            error = _shown(data.error or "an exception")
             parts.append(f"Raised {error} at line {data.exc.line}; {_frame(data.exc)}")
+        elif data.end == "exception":
+            parts.append(f"Raised {error} where tracing was off (a RecursionError switches it "
+                         "off), so its frame is unknown; Result names the line.")  # fmt: skip
         elif data.ret is not None and (not passed or data.end == "value"):
             ret = data.ret
             parts.append(f"{_shown(ret.name or 'the function')} returned {_shown(ret.value or '')}"

@@ -204,11 +204,15 @@ def _trace_run(namespace: dict[str, Any], body: Any, expr: Any, spec: dict[str, 
     """Run a compiled test (``body``, then ``expr``) under ``sys.settrace`` in ``namespace``
     and return what was seen in the agent's code (``<solution>`` frames only):
 
-    * ``path``: the first ``spec["max_events"]`` executed line numbers, ``events`` all;
+    * ``path``: the first ``spec["max_events"]`` executed line numbers and ``events`` their
+      count; once the path is full (and every requested line has its snapshots), line
+      events are switched off (``lines_stopped``: the count stops too), which keeps a long
+      loop's trace about as cheap as its untraced run;
     * ``snaps``: at each line of ``spec["lines"]`` (before it runs; the first
       ``spec["max_hits"]`` times), its frame's locals and ``spec["watch"]`` evaluated there;
     * ``exc``: the line, locals and watches of the frame where the exception that ended
-      the test was raised; ``ret``: those of the last return to the test, and its value;
+      the test was raised (none if tracing was off there: a RecursionError switches it
+      off); ``ret``: those of the last return to the test, and its value;
     * ``end``: ``"value"``, ``"exception"`` (with ``error``) or ``"timeout"``.
     Every value is a repr of at most ``spec["repr_chars"]`` characters, of at most
     ``spec["max_vars"]`` names per frame (the bounds come with the request)."""
@@ -224,7 +228,11 @@ def _trace_run(namespace: dict[str, Any], body: Any, expr: Any, spec: dict[str, 
     path: list[int] = []
     hits: dict[int, int] = {}
     snaps: list[dict[str, Any]] = []
-    seen: dict[str, Any] = {"events": 0, "exc": None, "exc_obj": None, "ret": None}
+    seen: dict[str, Any] = {"events": 0, "exc": None, "exc_obj": None, "ret": None,
+                            "stopped": False}  # fmt: skip
+
+    def lines_done() -> bool:
+        return len(path) >= max_events and all(hits.get(n, 0) >= max_hits for n in wanted)
 
     def snapshot(frame: Any, line: int, **extra: Any) -> dict[str, Any]:
         """The frame's locals at ``line`` and the watch expressions evaluated there."""
@@ -255,6 +263,9 @@ def _trace_run(namespace: dict[str, Any], body: Any, expr: Any, spec: dict[str, 
             if line in wanted and hits.get(line, 0) < max_hits:
                 hits[line] = hits.get(line, 0) + 1
                 snaps.append(snapshot(frame, line, hit=hits[line]))
+            if seen["stopped"] or lines_done():
+                seen["stopped"] = True
+                frame.f_trace_lines = False  # call, return and exception events go on
         elif event == "exception":
             if seen["exc_obj"] is not arg[1]:  # the innermost frame of a new exception
                 seen["exc_obj"] = arg[1]
@@ -267,7 +278,11 @@ def _trace_run(namespace: dict[str, Any], body: Any, expr: Any, spec: dict[str, 
         return local
 
     def start(frame: Any, event: str, arg: Any) -> Any:
-        return local if frame.f_code.co_filename == SOLUTION_FILENAME else None
+        if frame.f_code.co_filename != SOLUTION_FILENAME:
+            return None
+        if seen["stopped"]:
+            frame.f_trace_lines = False
+        return local
 
     report: dict[str, Any] = {}
     saved = sys.stdout, sys.stderr
@@ -283,12 +298,12 @@ def _trace_run(namespace: dict[str, Any], body: Any, expr: Any, spec: dict[str, 
     except BaseException as exc:  # noqa: BLE001 - the test's failure is an observation
         report["end"] = "exception"
         report["error"] = type(exc).__name__
-        if seen["exc_obj"] is not exc:
+        if seen["exc_obj"] is not exc:  # raised where tracing was off
             seen["exc"] = None
     finally:
         sys.settrace(None)
         sys.stdout, sys.stderr = saved
-    report.update(path=path, events=seen["events"], snaps=snaps)
+    report.update(path=path, events=seen["events"], snaps=snaps, lines_stopped=seen["stopped"])
     if seen["exc"] is not None:
         report["exc"] = seen["exc"]
     if seen["ret"] is not None:

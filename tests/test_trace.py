@@ -78,21 +78,24 @@ def test_a_loop_that_never_ends_returns_a_partial_trace(make_env):
     report = act(env, "TRACE", test=2).last_execution_output
     assert "Result: FAIL" in report and "timed out" in report
     assert "The traced run timed out: the trace below is partial." in report
-    assert "Executed lines (" in report and "[3 4]×" in report
-    assert "more line events not shown)" in report
+    assert ("Executed lines (the first 2000 line events; lines were not traced after them): "
+            "2 [3 4]×999 3") in report  # fmt: skip
     assert len(report) <= REPORT_CHARS
 
 
 def test_tracing_never_changes_a_verdict(make_env):
-    """A test that passes under RUN_TESTS but is too slow to trace in time still passes."""
+    """A test that passes under RUN_TESTS but is too slow to trace in time still passes
+    (asking for a line reached only at the end keeps every line event traced)."""
     env = make_env()
     env.reset(task_id=TASK)
     rewrite(env, "def sum_of_evens(nums):\n    for _ in range(10_000_000):\n        pass\n"
                  "    return sum(n for n in nums if n % 2 == 0)\n")  # fmt: skip
     assert act(env, "RUN_TESTS").tests_passed == 4
-    report = act(env, "TRACE", test=1).last_execution_output
+    report = act(env, "TRACE", test=1, lines=[4]).last_execution_output
     assert "Result: PASS" in report
     assert "The traced run timed out: the trace below is partial." in report
+    cheap = act(env, "TRACE", test=1).last_execution_output  # lines stop after the path
+    assert "timed out" not in cheap and "lines were not traced after them" in cheap
 
 
 def test_the_report_is_capped_with_a_marker(make_env):
@@ -155,3 +158,15 @@ def test_the_same_trace_is_byte_identical_across_two_servers(start_server):
                 reports.append(step["observation"]["last_execution_output"])
     assert reports[:3] == reports[3:]
     assert "object at 0x…>" in reports[0] and "0x7" not in "".join(reports)
+
+
+def test_a_recursion_error_still_names_its_line(make_env):
+    """Hitting the recursion limit switches tracing off: the report says so, and Result
+    (the untraced run) names the line."""
+    env = make_env()
+    env.reset(task_id=TASK)
+    rewrite(env, "def sum_of_evens(nums):\n    return sum_of_evens(nums[:])\n")
+    report = act(env, "TRACE", test=1).last_execution_output
+    assert "Result: FAIL: raised RecursionError: maximum recursion depth exceeded" in report
+    assert "(line 2)" in report.splitlines()[1]
+    assert "Raised RecursionError where tracing was off" in report, report
