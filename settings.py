@@ -137,7 +137,9 @@ class Settings(BaseSettings):
         default=False, description="WebSocket permessage-deflate (off: it costs server CPU)."
     )
     enable_web_interface: Flag = Field(
-        default=False, description="Serve OpenEnv's Gradio playground at /web."
+        default=False,
+        description="Serve the playground (server/playground.py, Gradio) at /web; / redirects "
+        "to it (to /docs without it).",
     )
     log_level: LogLevel = Field(default="INFO", description="Server log level (stderr).")
 

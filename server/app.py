@@ -1,8 +1,11 @@
 """HTTP and WebSocket server for tracefix_rl: the app factory and the ``server`` command.
 
-Built on openenv's FastAPI app (``/metadata``, ``/docs``, the Task API, and the ``/web``
-playground when ``ENABLE_WEB_INTERFACE`` is set), with these routes replaced or added:
+Built on openenv's FastAPI app (``/metadata``, ``/docs``, the Task API), with these routes
+replaced or added:
 
+* ``/web``: the playground (``server.playground``), mounted through openenv's
+  ``gradio_builder`` hook when ``ENABLE_WEB_INTERFACE`` is set; ``/`` redirects to it, and to
+  ``/docs`` without it (``server.routes``).
 * ``/ws``: WebSocket sessions (``server.ws``), openenv's protocol with a hard session cap,
   idle reaping that closes the socket, a message size limit, and cancellation of a
   disconnected client's evaluation.
@@ -98,8 +101,8 @@ def create_tracefix_app(settings: Settings, loader: TaskLoader | None = None) ->
         session_timeout=settings.session_timeout_s,
     )
     with startup.no_pydantic_v1():
-        app = _openenv_app(settings, new_environment, TraceFixAction, TraceFixObservation,
-                           concurrency)  # fmt: skip
+        app = _openenv_app(settings, loader, new_environment, TraceFixAction,
+                           TraceFixObservation, concurrency)  # fmt: skip
         episodes = HttpEpisodes(
             capacity=settings.http_max_episodes,
             ttl_s=settings.http_episode_ttl_s,
@@ -131,18 +134,33 @@ def create_tracefix_app(settings: Settings, loader: TaskLoader | None = None) ->
     return app
 
 
-def _openenv_app(settings: Settings, new_environment: Any, action: type, observation: type,
-                 concurrency: Any) -> FastAPI:  # fmt: skip
-    """openenv's app, with the web playground when ``settings`` enable it (openenv's own
-    ``create_app`` would read ``ENABLE_WEB_INTERFACE`` from the environment itself)."""
+def _openenv_app(settings: Settings, loader: TaskLoader, new_environment: Any, action: type,
+                 observation: type, concurrency: Any) -> FastAPI:  # fmt: skip
+    """openenv's app, with the playground (``server.playground``) as its only ``/web`` view
+    when ``settings`` enable it (openenv's own ``create_app`` would read
+    ``ENABLE_WEB_INTERFACE`` from the environment itself). The playground's environments
+    come from ``new_environment``, its task list from ``loader``'s registry; their sessions
+    are closed at shutdown. openenv's generic UI's JSON routes (one episode shared by every
+    visitor) are removed."""
     if settings.enable_web_interface:
         from tracefix_rl.models import allow_web_interface
 
         allow_web_interface()
         from openenv.core.env_server.web_interface import create_web_interface_app
 
-        return create_web_interface_app(new_environment, action, observation, ENV_NAME,
-                                        concurrency_config=concurrency)  # fmt: skip
+        from tracefix_rl.server.playground import TITLE, Playground, remove_generic_ui_routes
+
+        playground = Playground(new_environment, lambda: loader.registry,
+                                idle_timeout_s=settings.session_timeout_s)  # fmt: skip
+        app = create_web_interface_app(
+            new_environment, action, observation, ENV_NAME, concurrency_config=concurrency,
+            gradio_builder=playground.build, custom_tab_name="Playground",
+            custom_tab_primary=True, show_default_tab=False, title_override=TITLE,
+        )  # fmt: skip
+        remove_generic_ui_routes(app)
+        app.state.playground = playground
+        app.router.on_shutdown.append(playground.sessions.close_all)
+        return app
     from openenv.core.env_server.http_server import create_fastapi_app
 
     return create_fastapi_app(new_environment, action, observation, env_name=ENV_NAME,

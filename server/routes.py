@@ -10,6 +10,8 @@
 * ``GET /schema`` with the real state schema, ``GET /health`` (503 with a ``reason`` when
   the sandbox cannot serve at full strength), ``GET /tasks`` listing task ids,
   ``GET /metadata``.
+* ``GET /``: a redirect to ``/docs``, unless the web UI serves ``/`` already (openenv's
+  redirect to the playground at ``/web/``); left out of the OpenAPI schema.
 * ``POST /mcp`` and ``DELETE /mcp`` (:func:`register_mcp_routes`): the HTTP transports of the
   MCP tools of ``server.mcp``. A request with an ``Mcp-Session-Id`` header, or an
   ``initialize``, speaks MCP's streamable HTTP (JSON answers, no SSE); any other request
@@ -40,7 +42,7 @@ from openenv.core.env_server.mcp_types import JsonRpcErrorCode, JsonRpcRequest, 
 from openenv.core.env_server.serialization import serialize_observation
 from openenv.core.env_server.types import EnvironmentMetadata, SchemaResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.responses import Response
+from starlette.responses import RedirectResponse, Response
 
 from tracefix_rl.environment import TraceFixEnvironment
 from tracefix_rl.models import (
@@ -206,6 +208,18 @@ def document_task_api(app: FastAPI) -> None:
             route.responses = {**route.responses, **documented(*statuses)}
 
 
+def register_root_redirect(app: FastAPI) -> None:
+    """``GET /`` redirects to the API docs, unless a route for ``/`` exists already (the web
+    UI's redirect to its playground)."""
+    if any(getattr(route, "path", None) == "/" for route in app.router.routes):
+        return
+
+    async def root() -> Response:
+        return RedirectResponse("/docs")
+
+    app.add_api_route("/", root, methods=["GET"], include_in_schema=False)
+
+
 def _rpc_error(code: JsonRpcErrorCode, message: str, request_id: Any = None,
                status: int = 200, data: Any = None) -> Response:  # fmt: skip
     reply = JsonRpcResponse.error_response(code, message, data=data, request_id=request_id)
@@ -231,6 +245,7 @@ def register_http_routes(
     ``/reset`` plays each episode in an environment made by ``new_environment``."""
     remove_routes(app, REPLACED_ROUTES)  # openenv's /mcp too: register_mcp_routes serves it
     document_task_api(app)
+    register_root_redirect(app)
     # One thread per HTTP episode slot: a step waiting for the sandbox must not hold up
     # VIEW or REPLACE of other episodes (Starlette's shared thread pool has 40 threads).
     http_threads = ThreadPoolExecutor(max_workers=episodes.capacity,
