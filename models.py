@@ -269,6 +269,15 @@ class TraceFixObservation(Observation):
     score: float | None = Field(
         default=None, description="Final grade in [0, 1] over all tests, set when done."
     )
+    gain: float | None = Field(
+        default=None,
+        description=(
+            "Normalised gain over the buggy original, in [0, 1], set when done: 1 when solved; "
+            "else (originally failing tests now passing - originally passing tests now "
+            "failing) / originally failing tests, over visible and hidden tests, clamped to "
+            "[0, 1]; so 0 for code no better than the buggy original."
+        ),
+    )
     solved: bool | None = Field(default=None, description="Every test passes (set when done).")
     truncated: bool | None = Field(
         default=None, description="The episode ended by reaching max_steps (set when done)."

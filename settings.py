@@ -1,6 +1,6 @@
 """The server's configuration: every environment variable it reads, in one validated object.
 
-:class:`Settings` holds each variable of the README's Configuration table (the one place
+:class:`Settings` holds each variable of docs/configuration.md's table (the one place
 they are documented; ``tests/test_settings.py`` holds the two to each other) with its type,
 default and bounds. :func:`load_settings` reads the environment and validates every value at
 once; a bad value raises :class:`SettingsError`, whose message names each variable and says

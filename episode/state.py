@@ -3,6 +3,8 @@ step showed. Actions change it; :meth:`Episode.observe` turns it into an observa
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from typing import Any
 
 from tracefix_rl.episode import render
@@ -14,14 +16,34 @@ from tracefix_rl.judge import TestVerdict, Verdict
 from tracefix_rl.models import TestResult, TraceFixObservation, TraceFixState
 from tracefix_rl.tasks import Task
 
+_measured_baselines: dict[tuple[str, str], tuple[bool, ...]] = {}
+_baselines_lock = threading.Lock()
+
+
+def normalised_gain(before: Sequence[bool], after: Sequence[bool], solved: bool) -> float:
+    """The episode's normalised gain over the buggy original, in [0, 1].
+
+    ``before`` and ``after`` are per-test outcomes (visible, then hidden) of the buggy code
+    and of the final code. 1 when ``solved``; else the originally failing tests now passing,
+    minus the originally passing tests now failing, over the originally failing tests,
+    clamped to [0, 1]: 0 for code no better than the buggy original."""
+    if solved:
+        return 1.0
+    failing = [index for index, passed in enumerate(before) if not passed]
+    if not failing:
+        return 0.0
+    fixed = sum(1 for index in failing if after[index])
+    regressed = sum(1 for index, passed in enumerate(before) if passed and not after[index])
+    return min(1.0, max(0.0, (fixed - regressed) / len(failing)))
+
 
 class Episode:
     """Everything one episode holds, created whole by ``reset``.
 
     ``state`` is the wire :class:`TraceFixState`; ``editor`` the file; ``shaping`` the
     reward's potential. ``output``, ``error``, ``focus``, ``results`` and ``tests_passed``
-    are what the last step showed; ``score``, ``solved`` and ``truncated`` are set by
-    :meth:`finish`, which ends the episode.
+    are what the last step showed; ``score``, ``gain``, ``solved`` and ``truncated`` are set
+    by :meth:`finish`, which ends the episode.
     """
 
     def __init__(self, task: Task, state: TraceFixState, grader: Grader) -> None:
@@ -40,6 +62,7 @@ class Episode:
         self.results: list[TestResult] = []
         self.tests_passed = 0
         self.score: float | None = None
+        self.gain: float | None = None
         self.solved: bool | None = None
         self.truncated: bool | None = None
 
@@ -89,14 +112,33 @@ class Episode:
         on_visible = Verdict(verdict.tests[:visible], verdict.tampered, verdict.timed_out)
         score = 0.0 if verdict.tampered else verdict.passed / len(task.all_tests)
         solved = verdict.all_passed and not verdict.tampered
+        after = [t.passed and not verdict.tampered for t in verdict.tests]
+        gain = normalised_gain(self.buggy_outcomes(), after, solved)
         reward = self.shaping.final(on_visible.passed / visible, score, solved)
         self.show_results(on_visible)
         self.output = render.final_report(
             task, verdict, on_visible.passed, score, solved, truncated
         )
-        self.score, self.solved, self.truncated = score, solved, truncated
+        self.score, self.gain, self.solved, self.truncated = score, gain, solved, truncated
         self.state.done = True
         return reward
+
+    def buggy_outcomes(self) -> tuple[bool, ...]:
+        """Whether the buggy code passes each of ``all_tests``: the oracle check's record, or
+        (for tasks loaded without it, e.g. generated ones) measured in the sandbox once per
+        process and task. A ``SandboxFailure`` propagates, as in :meth:`finish`."""
+        task = self.task
+        if task.buggy_passing:
+            return task.buggy_passing
+        key = (task.task_id, task.buggy_code)
+        with _baselines_lock:
+            known = _measured_baselines.get(key)
+        if known is None:
+            verdict = self._grader.all(task, task.buggy_code, None)
+            known = tuple(t.passed for t in verdict.tests)
+            with _baselines_lock:
+                _measured_baselines[key] = known
+        return known
 
     # -- the observation -----------------------------------------------------------------------
 
@@ -128,6 +170,7 @@ class Episode:
             reward_last_step=reward,
             last_action_error=self.error,
             score=self.score,
+            gain=self.gain,
             solved=self.solved,
             truncated=self.truncated,
         )

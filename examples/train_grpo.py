@@ -3,16 +3,16 @@
     # 1. a server with room for every rollout of a generation batch (see "Capacity" below)
     MAX_CONCURRENT_ENVS=64 uv run server --port 8000
     # 2. on a GPU machine, in a checkout: pip install -e . "trl[vllm]>=1.16,<1.17"
-    python examples/train_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct \\
+    uv run python examples/train_grpo.py --model Qwen/Qwen2.5-1.5B-Instruct \\
         --env-url http://127.0.0.1:8000 --use-vllm --output-dir runs/qwen-1.5b
 
 Each rollout is one episode. TRL resets a pooled ``TraceFixToolEnv`` with the dataset row
 (its ``task_id``), lets the model call the environment's tools (one per action:
-``view_code``, ``run_tests``, ``replace_lines``, ``undo_edit``, ``reset_to_original``,
-``submit``) for up to ``--max-tool-calls`` rounds within ``--max-completion-length``
-tokens, and scores it with ``get_reward`` (an episode the model did not submit is submitted
-then). ``--reward`` picks what it returns: the episode's dense return (default), the final
-score, or 1/0 for solved.
+``view_code``, ``run_tests``, ``trace``, ``replace_lines``, ``undo_edit``,
+``reset_to_original``, ``submit``) for up to ``--max-tool-calls`` rounds within
+``--max-completion-length`` tokens, and scores it with ``get_reward`` (an episode the model
+did not submit is submitted then). ``--reward`` picks what it returns: the episode's dense
+return (default), the final score, or 1/0 for solved.
 
 Capacity: each rollout holds one WebSocket session, so the server's ``MAX_CONCURRENT_ENVS``
 must be at least the number of environments TRL runs at once: ``per_device_train_batch_size

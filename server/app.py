@@ -21,7 +21,7 @@ replaced or added:
   (``server.ws``), in MCP sessions of their own (``MCP_MAX_SESSIONS``), apart from the
   ``/ws`` and HTTP episode slots.
 
-Configuration: ``tracefix_rl.settings`` (the README's Configuration table), read once.
+Configuration: ``tracefix_rl.settings`` (docs/configuration.md), read once.
 
 How it starts (``main()``, the ``server`` command and ``python -m tracefix_rl.server.app``):
 

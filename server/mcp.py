@@ -209,7 +209,7 @@ INSTRUCTIONS = (
 
 
 def tool_table() -> str:
-    """The README's tool table (Markdown), from :data:`TOOLS`."""
+    """The tool table of docs/mcp.md (Markdown), from :data:`TOOLS`."""
     rows = ["| tool | arguments | what it does (as agents are told) |", "|---|---|---|"]
     for tool in TOOLS:
         required = set(tool.input_schema.get("required", ()))

@@ -882,13 +882,17 @@ def base_url(request: gr.Request | None) -> str:
 
 
 def readme_markdown(path: Path = README_PATH) -> str:
-    """The README without its Space front matter and its local images."""
+    """The README without its Space front matter and its local images; links to files of
+    the repository (``docs/…``), which this page cannot open, become their text and path."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError:
         return "The README is not installed with this server."
     text = re.sub(r"\A---\n.*?\n---\n", "", text, flags=re.S)
-    return re.sub(r"!\[[^\]]*\]\((?!https?:)[^)]*\)", "", text)
+    text = re.sub(r"!\[[^\]]*\]\((?!https?:)[^)]*\)", "", text)
+    return re.sub(
+        r"\[([^\]]+)\]\((?!https?:|#)([^)#]+)(#[^)]*)?\)", r"\1 (`\2` in the repository)", text
+    )
 
 
 def quick_start_markdown(url: str = "http://localhost:8000") -> str:

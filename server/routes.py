@@ -505,7 +505,7 @@ def register_mcp_routes(app: FastAPI, sessions: McpSessions) -> None:
     async def mcp(request: Request) -> Response:
         """MCP over HTTP: streamable HTTP (``initialize``, then ``Mcp-Session-Id``) and
         OpenEnv's JSON-RPC (``openenv/session/create``, then ``params.session_id``). Tools:
-        ``start_episode`` and one per action; see the README's "Use as MCP tools"."""
+        ``start_episode`` and one per action; see docs/mcp.md."""
         try:
             data = json.loads(await request.body())
         except (ValueError, RecursionError):

@@ -243,7 +243,7 @@ def features_of(program: Task, code: str, edits: list[str], visible_failing: int
 
 
 def difficulty_points(features: dict[str, Any]) -> int:
-    """Points that make a generated task harder (the tier rule, documented in the README):
+    """Points that make a generated task harder (the tier rule, documented in docs/tasks.md):
     +2 per edit beyond the first; +2 if exactly one visible test fails, +1 if at most half
     fail; +1 if the fix spans more than two changed lines; +1 for programs over 25 lines and
     +1 more over 45."""

@@ -98,6 +98,7 @@ def oracle_check(task: Task, sandbox: SandboxBackend) -> Task | TaskProblem:
         task,
         buggy_visible_passed=sum(t.passed for t in verdict.tests[:visible]),
         buggy_all_passed=verdict.passed,
+        buggy_passing=tuple(t.passed for t in verdict.tests),
     )
 
 

@@ -157,6 +157,7 @@ def load_generated(registry: TaskRegistry, corpus: Path) -> None:
             features=entry["features"],
             buggy_visible_passed=entry["visible_passed"],
             buggy_all_passed=entry["all_passed"],
+            buggy_passing=(),  # not in the corpus: measured by the first episode to need it
         )
 
 

@@ -113,6 +113,10 @@ class Task:
     expected: tuple[dict[str, Any], ...] = ()
     buggy_visible_passed: int = 0
     buggy_all_passed: int = 0
+    buggy_passing: tuple[bool, ...] = ()
+    """Whether the buggy code passes each test of ``all_tests`` (visible, then hidden), as the
+    oracle check measured it; empty when not measured (generated tasks, whose corpus stores
+    counts only: the episode measures them at its first grading)."""
 
     @property
     def all_tests(self) -> tuple[TaskTest, ...]:

@@ -84,9 +84,9 @@ def test_the_baseline_agent_derives_its_prompt_and_tool():
     for action in ACTIONS:
         assert f"- {action.name}: {action.description}" in prompt
         assert f'{{"action_type": "{action.name}"' in prompt
-    assert inference.parse_action("I will RUN_TESTS now").action_type == "RUN_TESTS"
-    with pytest.raises(inference.ParseError):  # an action with parameters needs JSON
-        inference.parse_action("REPLACE_LINES please")
+    for prose in ("I will RUN_TESTS now", "REPLACE_LINES please"):
+        with pytest.raises(inference.ParseError):  # an action word in prose is no action
+            inference.parse_action(prose)
 
 
 def test_the_readme_action_table_is_the_registry():
@@ -94,7 +94,8 @@ def test_the_readme_action_table_is_the_registry():
     block = re.search(r"<!-- actions:begin -->\n(.*?)\n<!-- actions:end -->", readme, re.S)
     assert block is not None, "README.md lost its action table markers"
     assert block.group(1) == action_table(), (
-        "README.md's action table is stale: paste the output of python -m tracefix_rl.actions"
+        "README.md's action table is stale: paste the output of"
+        " uv run python -m tracefix_rl.actions"
     )
 
 
@@ -137,16 +138,17 @@ print("FIND works")
 """
 
 
-def test_the_readme_example_adds_an_action_with_one_module(tmp_path):
-    """The README's FIND example, written into a copy of the package, is a working action:
-    on the wire, in the agent's tool and prompt, in the table and in the environment."""
-    readme = (REPO / "README.md").read_text()
+def test_the_documented_example_adds_an_action_with_one_module(tmp_path):
+    """The FIND example of docs/development.md ("Adding an action"), written into a copy of the
+    package, is a working action: on the wire, in the agent's tool and prompt, in the table and
+    in the environment."""
+    page = (REPO / "docs" / "development.md").read_text()
     example = re.search(
         r"<!-- example-action:begin -->\n```python\n(.*?)```\n<!-- example-action:end -->",
-        readme,
+        page,
         re.S,
     )
-    assert example, "the README's example action is missing"
+    assert example, "docs/development.md's example action is missing"
     probe = run_in_package_copy(tmp_path, {"actions/find.py": example.group(1)}, TASK,
                                 EXAMPLE_PROBE)  # fmt: skip
     assert probe.returncode == 0, probe.stderr

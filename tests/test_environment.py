@@ -467,3 +467,51 @@ def test_busy_sandbox_at_max_steps_keeps_the_episode_open(registry: TaskRegistry
     assert obs.done and obs.truncated is True and obs.last_action_error is None
     assert code_of(obs)[0] == "def sum_of_evens(nums):"  # the retry applied no action
     box.close()
+
+
+# -- the normalised gain -----------------------------------------------------------------
+
+
+def test_normalised_gain_rules():
+    from tracefix_rl.episode.state import normalised_gain
+
+    before = [True, False, False, False, True]  # 3 originally failing, 2 passing
+    assert normalised_gain(before, before, solved=False) == 0.0  # no better
+    assert normalised_gain(before, [True, True, False, False, True], solved=False) == 1 / 3
+    assert normalised_gain(before, [False, True, True, False, True], solved=False) == 1 / 3
+    assert normalised_gain(before, [False, True, False, False, False], solved=False) == 0.0
+    assert normalised_gain(before, [False] * 5, solved=False) == 0.0  # clamped, not negative
+    assert normalised_gain(before, [True] * 5, solved=True) == 1.0
+
+
+def test_gain_is_set_when_done_and_measures_the_change(make_env, registry: TaskRegistry):
+    task = registry.tasks[TASK]
+    assert len(task.buggy_passing) == len(task.all_tests)
+    assert sum(task.buggy_passing) == task.buggy_all_passed > 0  # a do-nothing score
+    env = make_env()
+    assert env.reset(task_id=TASK).gain is None
+    assert env.step(act("RUN_TESTS")).gain is None
+    untouched = env.step(act("SUBMIT"))  # the buggy code, as it was
+    assert untouched.gain == 0.0 and untouched.score == sum(task.buggy_passing) / len(
+        task.all_tests
+    )
+    env.reset(task_id=TASK)
+    lines = len(task.buggy_code.splitlines())
+    env.step(act("REPLACE_LINES", start_line=1, end_line=lines, new_code_block=task.solution))
+    solved = env.step(act("SUBMIT"))
+    assert solved.solved and solved.gain == 1.0 and solved.score == 1.0
+    env.reset(task_id=TASK, max_steps=2)
+    env.step(act("REPLACE_LINES", start_line=1, end_line=lines, new_code_block="x = 1"))
+    broken = env.step(act("VIEW_CODE"))  # truncated: graded like SUBMIT; every test fails
+    assert broken.done and broken.truncated and broken.gain == 0.0 and broken.score == 0.0
+
+
+def test_gain_of_a_generated_task_measures_the_buggy_code_once(make_env, registry):
+    task_id = registry.ids(source="generated")[0]
+    task = registry.tasks[task_id]
+    assert task.buggy_passing == ()  # the corpus stores counts only
+    env = make_env()
+    env.reset(task_id=task_id)
+    obs = env.step(act("SUBMIT"))
+    assert obs.done and obs.gain == 0.0 and obs.score == task.buggy_all_passed / len(task.all_tests)
+    assert sum(env.episode.buggy_outcomes()) == task.buggy_all_passed

@@ -143,10 +143,11 @@ def test_a_new_action_module_is_a_new_tool(tmp_path):
     assert probe.stdout.strip() == "count_lines works"
 
 
-def test_the_readme_lists_the_tools_and_the_settings_are_documented():
+def test_the_docs_list_the_tools_and_the_settings_are_documented():
+    page = (REPO / "docs" / "mcp.md").read_text()
+    assert mcp.tool_table() in page
     readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Use as MCP tools\n", 1)[1].split("\n## ", 1)[0]
-    assert mcp.tool_table() in section
+    assert "(docs/mcp.md)" in readme.split("\n## Use as MCP tools\n", 1)[1].split("\n## ", 1)[0]
     contents = readme.split("\n## Contents\n", 1)[1].split("\n## ", 1)[0]
     order = [line for line in contents.splitlines() if line.startswith("- [")]
     protocol = order.index("- [Protocol: HTTP and WebSocket](#protocol-http-and-websocket)")
@@ -154,14 +155,13 @@ def test_the_readme_lists_the_tools_and_the_settings_are_documented():
     assert readme.index("\n## Protocol: HTTP and WebSocket\n") < readme.index(
         "\n## Use as MCP tools\n") < readme.index("\n## Baseline agent")  # fmt: skip
     for name in ("mcp_max_sessions", "mcp_idle_timeout_s"):
-        assert name.upper() in section and Settings.model_fields[name].description
+        assert name.upper() in page and Settings.model_fields[name].description
 
 
-def test_the_readme_examples_solve_the_task(mcp_server):
-    """The README's MCPToolClient and fastmcp examples, pasted as they are (but the URL)."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Use as MCP tools\n", 1)[1].split("\n## ", 1)[0]
-    examples = re.findall(r"```python\n(.*?)```", section, re.S)
+def test_the_documented_examples_solve_the_task(mcp_server):
+    """The MCPToolClient and fastmcp examples of docs/mcp.md, pasted as they are (but the URL)."""
+    page = (REPO / "docs" / "mcp.md").read_text()
+    examples = re.findall(r"```python\n(.*?)```", page, re.S)
     assert len(examples) == 2
     for example in examples:
         code = example.replace("http://127.0.0.1:8000", mcp_server.url)

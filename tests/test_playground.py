@@ -120,9 +120,9 @@ print(json.dumps(report))
 
 
 def test_the_controls_derive_from_the_registry_and_root_redirects_to_the_playground(tmp_path):
-    """A copy of the package with the README's FIND action module: the page gets a FIND
-    control with FIND's one field, beside one control per other action."""
-    example = FIND_EXAMPLE.search((REPO / "README.md").read_text())
+    """A copy of the package with the FIND action module of docs/development.md: the page gets a
+    FIND control with FIND's one field, beside one control per other action."""
+    example = FIND_EXAMPLE.search((REPO / "docs" / "development.md").read_text())
     assert example is not None
     done = run_in_package_copy(tmp_path, {"actions/find.py": example.group(1)}, TASK, PROBE)
     assert done.returncode == 0, done.stderr[-3000:]

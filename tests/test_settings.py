@@ -1,6 +1,6 @@
-"""The settings (``settings.py``): the README's Configuration table and the fields agree, bad
-values give one clear line per variable (also from a real server start), and no other module
-reads the environment for configuration."""
+"""The settings (``settings.py``): the Configuration table (docs/configuration.md) and the
+fields agree, bad values give one clear line per variable (also from a real server start), and
+no other module reads the environment for configuration."""
 
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ NOT_PACKAGE_CODE = {"tests", "bench", "build", "scripts", "task_data"}
 
 
 def configuration_table() -> dict[str, str]:
-    """Each variable of the README's Configuration table, with its default cell."""
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    """Each variable of the Configuration table (docs/configuration.md), with its default cell."""
+    page = (REPO / "docs" / "configuration.md").read_text()
+    section = page.split("# Configuration\n", 1)[1].split("\n## ", 1)[0]
     rows: dict[str, str] = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -51,7 +51,7 @@ def configuration_table() -> dict[str, str]:
 
 
 def agrees(default: object, shown: str) -> bool:
-    """Whether the README's default cell ``shown`` says ``default``."""
+    """Whether the table's default cell ``shown`` says ``default``."""
     if default is None:
         return shown.startswith("unset")
     if default is False:
@@ -72,7 +72,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def test_every_field_is_in_the_readme_table_with_its_default_and_nothing_else_is():
+def test_every_field_is_in_the_configuration_table_with_its_default_and_nothing_else_is():
     table = configuration_table()
     assert sorted(table) == sorted(VARIABLES)
     for name, field in Settings.model_fields.items():
