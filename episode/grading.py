@@ -76,7 +76,7 @@ class Grader:
         if problem is not None:
             return syntax_verdict(problem, len(tests)), ""
         result = self._evaluate(code, tests, labels=tuple(t.name for t in tests))
-        return judge(result, task.expected_visible), result.output
+        return judge(result, task.expected_visible, task.float_tolerance), result.output
 
     def all(self, task: Task, code: str, problem: SyntaxProblem | None) -> Verdict:
         """The verdict on every test, visible then hidden; a busy sandbox is retried
@@ -85,7 +85,8 @@ class Grader:
             return syntax_verdict(problem, len(task.all_tests))
         for attempt in range(GRADING_ATTEMPTS):
             try:
-                return judge(self._evaluate(code, task.all_tests), task.expected)
+                return judge(self._evaluate(code, task.all_tests), task.expected,
+                             task.float_tolerance)  # fmt: skip
             except SandboxBusy:
                 if attempt == GRADING_ATTEMPTS - 1:
                     raise
@@ -100,10 +101,12 @@ class Grader:
         verdict, the output, the trace (None when unusable) and why it is missing. The
         trace record is read apart from the records the judge sees."""
         test = task.visible_tests[index]
+        if test.observe_list:
+            spec = {**spec, "as_list": True}
         result = self._evaluate(code, (test,), labels=(test.name,), trace=spec)
         trace, missing = trace_of(result.records)
         result.records = [record for record in result.records if "trace" not in record]
-        verdict = judge(result, task.expected_visible[index : index + 1])
+        verdict = judge(result, task.expected_visible[index : index + 1], task.float_tolerance)
         return verdict.tests[0], result.output, trace, missing
 
     def _evaluate(
@@ -120,6 +123,7 @@ class Grader:
                 raise EvaluationCancelled("the environment was closed")
             self._cancel = threading.Event()
             request = EvalRequest(code=code, tests=tuple(t.code for t in tests), labels=labels,
+                                  as_list=tuple(t.observe_list for t in tests),
                                   trace=trace)  # fmt: skip
             return self.sandbox.run(request, cancel=self._cancel)
         finally:

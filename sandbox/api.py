@@ -49,6 +49,9 @@ class EvalRequest:
     tests: tuple[str, ...]
     limits: Limits | None = None
     labels: tuple[str, ...] = ()
+    as_list: tuple[bool, ...] = ()
+    """Per test: observe an iterator value as the list of what it yields (tasks with
+    ``observe = "list"`` and QuixBugs-style cases; see ``sandbox.harness._materialize``)."""
     trace: dict[str, Any] | None = None
     """TRACE: ``{"lines": [...], "watch": [...]}`` re-runs ``tests[0]`` under tracing and adds
     one ``{"trace": {...}}`` record (see ``sandbox.harness._trace_run``)."""

@@ -7,6 +7,10 @@ the exception raised) and written as one JSON line ``{"i": index, "v": value}`` 
 decides pass or fail: the judge in the server compares the records with expected values that
 never enter this process.
 
+A test whose entry in ``"as_list"`` is true has an iterator value (a generator, ``map``,
+any object whose type has ``__next__``) observed as the list of what it yields
+(:func:`_materialize`, inside the test's time limit).
+
 A request with ``"trace"`` (TRACE: one test) then runs that test once more under
 ``sys.settrace`` and writes one ``{"trace": {...}}`` record of what it saw
 (:func:`_trace_run`); the server reads it as untrusted data, apart from the verdict.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import itertools
 import json
 import os
 import signal
@@ -36,6 +41,8 @@ DONE_LINE = b'{"done":1}\n'
 # References captured before any agent code runs (monkeypatching json/os later changes nothing).
 _dumps = json.dumps
 _write = os.write
+_list = list
+_islice = itertools.islice
 
 # ---------------------------------------------------------------------------
 # Canonical encoding (runs in the child; the judge compares these structures)
@@ -99,6 +106,20 @@ def _canon(x: Any, depth: int, budget: list[int]) -> Any:
     if t is bytes:
         return {"t": "bytes", "v": x.hex()}
     raise _Unserializable(t.__name__)
+
+
+_DATA_TYPES = frozenset(
+    {type(None), bool, int, float, str, bytes, list, tuple, set, frozenset, dict}
+)
+
+
+def _materialize(value: Any) -> Any:
+    """An iterator as the list of what it yields (at most ``CANON_MAX_NODES + 1`` items,
+    which :func:`canonical` already calls too large); any other value unchanged. Runs the
+    iterator's code, so it is called inside the test's time limit."""
+    if type(value) in _DATA_TYPES or not hasattr(type(value), "__next__"):
+        return value
+    return _list(_islice(value, CANON_MAX_NODES + 1))
 
 
 def _sort_key(encoded: Any) -> str:
@@ -291,7 +312,9 @@ def _trace_run(namespace: dict[str, Any], body: Any, expr: Any, spec: dict[str, 
     try:
         exec(body, namespace)
         if expr is not None:
-            eval(expr, namespace)
+            value = eval(expr, namespace)
+            if spec.get("as_list"):
+                _materialize(value)  # a generator's body runs here, traced
         report["end"] = "value"
     except TestTimeout:
         report["end"] = "timeout"
@@ -353,6 +376,7 @@ def run_tests(request: dict[str, Any], fd: int) -> None:
     signal.signal(signal.SIGALRM, on_alarm)
     per_test = float(limits["per_test_s"])
     labels = request.get("labels") or []
+    as_list = request.get("as_list") or []
     try:
         code = compile(request["code"], SOLUTION_FILENAME, "exec")
         code_error = None
@@ -375,6 +399,8 @@ def run_tests(request: dict[str, Any], fd: int) -> None:
                 exec(code, namespace)
                 exec(body, namespace)
                 value = eval(expr, namespace) if expr is not None else None
+                if index < len(as_list) and as_list[index]:
+                    value = _materialize(value)
                 record["v"] = canonical(value)
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)

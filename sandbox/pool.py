@@ -776,6 +776,8 @@ class ZygotePool:
         limits = request.limits or self.limits
         message = {"code": request.code, "tests": list(request.tests),
                    "labels": list(request.labels), "limits": asdict(limits)}  # fmt: skip
+        if any(request.as_list):
+            message["as_list"] = list(request.as_list)
         if request.trace is not None:
             message["trace"] = request.trace
         payload = json.dumps(message).encode()

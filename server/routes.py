@@ -30,6 +30,7 @@ import functools
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -179,6 +180,11 @@ class TaskPage(BaseModel):
     offset: int
     limit: int
     tasks: list[TaskRow]
+    by_source: dict[str, int] = Field(
+        description="Tasks per source (curated, generated, an imported pack's source such as "
+        "quixbugs) among those of the difficulty and split asked for, whatever the source "
+        "filter."
+    )
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -429,6 +435,7 @@ def register_http_routes(
         """
         registry = get_registry()
         ids = registry.ids(difficulty, split, source)
+        by_source = Counter(registry.tasks[i].source for i in registry.ids(difficulty, split))
         rows = [
             {
                 "task_id": task.task_id,
@@ -439,7 +446,8 @@ def register_http_routes(
             }
             for task in (registry.tasks[i] for i in ids[offset : offset + limit])
         ]
-        return {"total": len(ids), "offset": offset, "limit": limit, "tasks": rows}
+        return {"total": len(ids), "offset": offset, "limit": limit, "tasks": rows,
+                "by_source": dict(sorted(by_source.items()))}  # fmt: skip
 
     metadata_doc = new_environment().get_metadata()  # needs neither tasks nor sandbox
 

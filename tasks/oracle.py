@@ -1,19 +1,22 @@
 """The oracle check: expected observations come from running the solution in the sandbox;
-the buggy code must fail at least one visible and one hidden test."""
+the buggy code must fail at least one visible and one hidden test (for a task that gave one
+``tests`` list, the check chooses the visible tests so that it does)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import random
 import threading
 from dataclasses import replace
 from typing import Any
 
-from tracefix_rl.judge import TIMEOUT_EXCEPTION, Verdict, expected_record, judge, values_equal
+from tracefix_rl.judge import TIMEOUT_EXCEPTION, Verdict, expected_record, json_equal, judge
 from tracefix_rl.sandbox import EvalRequest, EvalResult, Limits, SandboxBackend
 from tracefix_rl.tasks.schema import Task, TaskProblem, TaskTest
 
 FATAL_REFERENCE_ERRORS = (TIMEOUT_EXCEPTION, "MemoryError", "RecursionError")
+VISIBLE_SHARE = 1 / 3  # of a single tests list, shown to the agent
 
 
 def evaluate(
@@ -24,7 +27,8 @@ def evaluate(
     **kw: Any,
 ) -> EvalResult:
     """Run ``code`` against ``tests`` in the sandbox (returns the raw ``EvalResult``)."""
-    request = EvalRequest(code=code, tests=tuple(t.code for t in tests), **kw)
+    request = EvalRequest(code=code, tests=tuple(t.code for t in tests),
+                          as_list=tuple(t.observe_list for t in tests), **kw)  # fmt: skip
     return sandbox.run(request, cancel=cancel)
 
 
@@ -47,6 +51,8 @@ def reference_run(task: Task, sandbox: SandboxBackend) -> tuple[dict[str, Any], 
     for index, test in enumerate(tests):
         record = records.get(index)
         kind = "visible" if index < len(task.visible_tests) else "hidden"
+        if task.choose_visible:
+            kind = "the"
         if record is None:
             problems.append(f"solution produced no result for {kind} test {test.name!r}")
         elif record.get("e") in FATAL_REFERENCE_ERRORS:
@@ -56,7 +62,9 @@ def reference_run(task: Task, sandbox: SandboxBackend) -> tuple[dict[str, Any], 
                 f"{kind} test {test.name!r} returns data that is not builtin "
                 f"({record['v']}); end the test with an expression of builtin types"
             )
-        elif test.has_given and not ("v" in record and values_equal(record["v"], test.given)):
+        elif test.has_given and not (
+            "v" in record and json_equal(test.given, record["v"], task.float_tolerance)
+        ):
             shown = record.get("v", record.get("e"))
             problems.append(f"solution gives {shown!r} for {kind} test {test.name!r}, but the "
                             f"task says {test.given!r}")  # fmt: skip
@@ -67,18 +75,23 @@ def reference_run(task: Task, sandbox: SandboxBackend) -> tuple[dict[str, Any], 
 
 def buggy_verdict(task: Task, code: str, sandbox: SandboxBackend,
                   limits: Limits | None = None) -> Verdict:  # fmt: skip
-    return judge(evaluate(sandbox, code, task.all_tests, limits=limits), task.expected)
+    result = evaluate(sandbox, code, task.all_tests, limits=limits)
+    return judge(result, task.expected, task.float_tolerance)
 
 
-def check_buggy(task: Task, verdict: Verdict) -> str | None:
-    """Why ``verdict`` (of the buggy code) makes the task invalid, or None."""
+def check_buggy(task: Task, verdict: Verdict, allow_timeouts: bool = False) -> str | None:
+    """Why ``verdict`` (of the buggy code) makes the task invalid, or None. A buggy program
+    that times out everywhere is a fine task when written by a person (the bug may be an
+    infinite loop: ``allow_timeouts``), not when a mutation made it."""
     visible = len(task.visible_tests)
     if all(t.passed for t in verdict.tests[:visible]):
         return "buggy code passes every visible test"
     if all(t.passed for t in verdict.tests[visible:]):
         return "buggy code passes every hidden test"
-    if all(not t.passed and (t.detail or "").startswith(("timed out", "no result"))
-           for t in verdict.tests):  # fmt: skip
+    if not allow_timeouts and all(
+        not t.passed and (t.detail or "").startswith(("timed out", "no result"))
+        for t in verdict.tests
+    ):
         return "buggy code times out on every test"
     return None
 
@@ -90,7 +103,12 @@ def oracle_check(task: Task, sandbox: SandboxBackend) -> Task | TaskProblem:
         return TaskProblem(task.origin, expected, task.task_id, task.source)
     task = replace(task, expected=expected)
     verdict = buggy_verdict(task, task.buggy_code, sandbox)
-    problem = check_buggy(task, verdict)
+    if task.choose_visible:
+        chosen = choose_visible(task, verdict)
+        if isinstance(chosen, str):
+            return TaskProblem(task.origin, chosen, task.task_id, task.source)
+        task, verdict = chosen
+    problem = check_buggy(task, verdict, allow_timeouts=True)
     if problem is not None:
         return TaskProblem(task.origin, problem, task.task_id, task.source)
     visible = len(task.visible_tests)
@@ -100,6 +118,40 @@ def oracle_check(task: Task, sandbox: SandboxBackend) -> Task | TaskProblem:
         buggy_all_passed=verdict.passed,
         buggy_passing=tuple(t.passed for t in verdict.tests),
     )
+
+
+def choose_visible(task: Task, verdict: Verdict) -> tuple[Task, Verdict] | str:
+    """Split a single ``tests`` list (held in ``hidden_tests``): about a third visible,
+    chosen deterministically from the task id, such that at least one visible and one hidden
+    test fail on the buggy code (``verdict``); each part keeps the file's order. Returns the
+    split task and its verdict in the new order, or why no such split exists."""
+    tests = task.hidden_tests
+    failing = [i for i, t in enumerate(verdict.tests) if not t.passed]
+    if len(failing) < 2:
+        return (f"buggy code fails {len(failing)} of {len(tests)} tests; at least 2 must fail "
+                "(one visible, one hidden)")  # fmt: skip
+    order = list(range(len(tests)))
+    random.Random(hashlib.sha256(task.task_id.encode()).hexdigest()).shuffle(order)
+    count = min(len(tests) - 1, max(1, round(len(tests) * VISIBLE_SHARE)))
+    visible, hidden = order[:count], order[count:]
+    if not any(i in failing for i in visible):
+        first = next(i for i in order if i in failing)
+        hidden[hidden.index(first)], visible[-1] = visible[-1], first
+    if not any(i in failing for i in hidden):
+        moved = next(i for i in reversed(visible) if i in failing)
+        spare = next((i for i in hidden if i not in failing), hidden[0])
+        visible[visible.index(moved)], hidden[hidden.index(spare)] = spare, moved
+    visible.sort()
+    hidden.sort()
+    new_order = visible + hidden
+    split = replace(
+        task,
+        visible_tests=tuple(tests[i] for i in visible),
+        hidden_tests=tuple(tests[i] for i in hidden),
+        expected=tuple(task.expected[i] for i in new_order),
+        choose_visible=False,
+    )
+    return split, replace(verdict, tests=tuple(verdict.tests[i] for i in new_order))
 
 
 def _contains_unserializable(value: Any) -> bool:

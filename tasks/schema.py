@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import ast
+import copy
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tracefix_rl.sandbox import canonical
 from tracefix_rl.tasks.vocabulary import Difficulty
@@ -16,6 +24,8 @@ MAX_CODE_CHARS = 20_000
 TEST_NAME_CHARS = 80
 SOURCE_CURATED = "curated"
 SOURCE_GENERATED = "generated"
+MAX_FLOAT_TOLERANCE = 0.5
+Observe = Literal["value", "list"]
 
 
 class TaskTestSpec(BaseModel):
@@ -24,10 +34,13 @@ class TaskTestSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, max_length=TEST_NAME_CHARS)
     code: str = Field(min_length=1)
+    observe: Observe | None = None
+    """Overrides the task's ``observe`` for this test."""
 
 
 class CaseSpec(BaseModel):
-    """A QuixBugs-style case: call ``entry_point(*input)``; ``output`` is cross-checked."""
+    """A QuixBugs-style case: call ``entry_point(*input)``; ``output`` is cross-checked. An
+    iterator it returns is observed as a list (as QuixBugs' own harness does)."""
 
     model_config = ConfigDict(extra="forbid")
     input: list[Any]
@@ -48,11 +61,26 @@ class TaskSpec(BaseModel):
     entry_point: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     buggy_code: str = Field(min_length=1, max_length=MAX_CODE_CHARS)
     solution: str = Field(min_length=1, max_length=MAX_CODE_CHARS)
-    visible_tests: list[TestItem] = Field(min_length=1)
-    hidden_tests: list[TestItem] = Field(min_length=1)
+    visible_tests: list[TestItem] | None = Field(default=None, min_length=1)
+    hidden_tests: list[TestItem] | None = Field(default=None, min_length=1)
+    tests: list[TestItem] | None = Field(default=None, min_length=2)
+    """Instead of visible/hidden: the loader chooses about a third as visible."""
     bug_type: str = "unspecified"
     source: str = "imported"
     program: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+    observe: Observe = "value"
+    float_tolerance: float | None = Field(default=None, gt=0, le=MAX_FLOAT_TOLERANCE)
+
+    @model_validator(mode="after")
+    def _one_way_of_giving_tests(self) -> TaskSpec:
+        split = (self.visible_tests is not None, self.hidden_tests is not None)
+        if self.tests is not None and any(split):
+            raise ValueError("give either tests or visible_tests and hidden_tests, not both")
+        if self.tests is None and not all(split):
+            missing = [n for n, given in zip(("visible_tests", "hidden_tests"), split,
+                                             strict=True) if not given]  # fmt: skip
+            raise ValueError(f"{' and '.join(missing)} missing (or give one tests list)")
+        return self
 
     @field_validator("buggy_code", "solution")
     @classmethod
@@ -63,9 +91,11 @@ class TaskSpec(BaseModel):
             raise ValueError(f"does not parse: {exc.msg} (line {exc.lineno})") from None
         return code
 
-    @field_validator("visible_tests", "hidden_tests")
+    @field_validator("visible_tests", "hidden_tests", "tests")
     @classmethod
-    def _tests_parse(cls, tests: list[TestItem]) -> list[TestItem]:
+    def _tests_parse(cls, tests: list[TestItem] | None) -> list[TestItem] | None:
+        if tests is None:
+            return None
         for position, test in enumerate(tests, 1):
             if isinstance(test, CaseSpec):
                 continue
@@ -90,6 +120,8 @@ class TaskTest:
     code: str
     given: Any = None
     has_given: bool = False
+    observe_list: bool = False
+    """An iterator value is observed as the list of what it yields."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +145,10 @@ class Task:
     expected: tuple[dict[str, Any], ...] = ()
     buggy_visible_passed: int = 0
     buggy_all_passed: int = 0
+    float_tolerance: float | None = None
+    choose_visible: bool = False
+    """The task gave one ``tests`` list (held in ``hidden_tests`` until the oracle check
+    chooses the visible ones)."""
     buggy_passing: tuple[bool, ...] = ()
     """Whether the buggy code passes each test of ``all_tests`` (visible, then hidden), as the
     oracle check measured it; empty when not measured (generated tasks, whose corpus stores
@@ -174,29 +210,44 @@ def _assert_candidate(source: str, entry_point: str) -> TaskTest | None:
     code = f"candidate = {entry_point}\n{call}"
     if given is True or given is False:
         code = f"candidate = {entry_point}\nbool({call})"
-    name = call if len(call) <= TEST_NAME_CHARS else call[: TEST_NAME_CHARS - 3] + "..."
-    return TaskTest(name, code, canonical(given), True)
+    return TaskTest(shown_name(expression, entry_point), code, canonical(given), True)
 
 
-def convert_tests(items: Iterable[TestItem], entry_point: str, prefix: str) -> tuple[TaskTest, ...]:
+def shown_name(node: ast.AST, entry_point: str) -> str:
+    """A test's name as the agent sees it: the expression with ``candidate`` written as the
+    entry point's name, at most ``TEST_NAME_CHARS`` long."""
+    renamed = copy.deepcopy(node)
+    for child in ast.walk(renamed):
+        if isinstance(child, ast.Name) and child.id == "candidate":
+            child.id = entry_point
+    text = " ".join(ast.unparse(renamed).split())
+    return text if len(text) <= TEST_NAME_CHARS else text[: TEST_NAME_CHARS - 3] + "..."
+
+
+def convert_tests(
+    items: Iterable[TestItem], entry_point: str, prefix: str, observe: Observe = "value"
+) -> tuple[TaskTest, ...]:
     """Turn schema test items into TaskTests (JSON cases and assert lines included)."""
     tests = []
+    as_list = observe == "list"
     for position, item in enumerate(items, 1):
         if isinstance(item, TaskTestSpec):
-            tests.append(TaskTest(item.name, item.code))
+            own = as_list if item.observe is None else item.observe == "list"
+            tests.append(TaskTest(item.name, item.code, observe_list=own))
             continue
         if isinstance(item, CaseSpec):
-            call = f"{entry_point}(*{item.input!r})"
+            call = f"{entry_point}({', '.join(repr(argument) for argument in item.input)})"
             name = call if len(call) <= TEST_NAME_CHARS else f"{prefix}_{position}"
-            tests.append(TaskTest(name, call, canonical(item.output), True))
+            tests.append(TaskTest(name, call, canonical(item.output), True, observe_list=True))
             continue
         converted = _assert_candidate(item, entry_point)
         if converted is not None:
-            tests.append(converted)
+            tests.append(replace(converted, observe_list=as_list))
             continue
         source = item.strip("\n")
         single = "\n" not in source.strip() and len(source.strip()) <= TEST_NAME_CHARS
-        tests.append(TaskTest(source.strip() if single else f"{prefix}_{position}", source))
+        name = source.strip() if single else f"{prefix}_{position}"
+        tests.append(TaskTest(name, source, observe_list=as_list))
     return tuple(tests)
 
 
@@ -234,6 +285,12 @@ def parse_task(origin: str, raw: Any) -> Task | TaskProblem:
             )  # fmt: skip
     if spec.buggy_code.strip() == spec.solution.strip():
         return TaskProblem(origin, "buggy_code is identical to solution", task_id, source)
+    if spec.tests is not None:
+        visible: tuple[TaskTest, ...] = ()
+        hidden = convert_tests(spec.tests, spec.entry_point, "test", spec.observe)
+    else:
+        visible = convert_tests(spec.visible_tests or (), spec.entry_point, "visible", spec.observe)
+        hidden = convert_tests(spec.hidden_tests or (), spec.entry_point, "hidden", spec.observe)
     return Task(
         task_id=spec.task_id,
         difficulty=spec.difficulty,
@@ -241,10 +298,12 @@ def parse_task(origin: str, raw: Any) -> Task | TaskProblem:
         entry_point=spec.entry_point,
         buggy_code=spec.buggy_code.strip("\n") + "\n",
         solution=spec.solution.strip("\n") + "\n",
-        visible_tests=convert_tests(spec.visible_tests, spec.entry_point, "visible"),
-        hidden_tests=convert_tests(spec.hidden_tests, spec.entry_point, "hidden"),
+        visible_tests=visible,
+        hidden_tests=hidden,
         bug_type=spec.bug_type,
         source=spec.source,
         origin=origin,
         program=spec.program or spec.task_id,
+        float_tolerance=spec.float_tolerance,
+        choose_visible=spec.tests is not None,
     )

@@ -227,7 +227,7 @@ def test_benchmark_style_packs_load_validate_and_play(tmp_path: Path):
     registry = load_registry(str(pack), corpus=None)
     assert registry.problems == []
     gcd = registry.tasks["pack-gcd"]
-    assert gcd.visible_tests[0].code == "gcd(*[12, 8])" and gcd.visible_tests[0].has_given
+    assert gcd.visible_tests[0].code == "gcd(12, 8)" and gcd.visible_tests[0].has_given
     below = registry.tasks["pack-below-threshold"]
     assert (
         below.visible_tests[0].code

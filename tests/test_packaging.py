@@ -73,7 +73,10 @@ def test_the_repository_root_is_the_package():
     assert project["project"]["scripts"]["server"] == "tracefix_rl.server.app:main"
     setuptools = project["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"tracefix_rl": "."}
-    subpackages = {p.parent.name for p in REPO.glob("*/__init__.py")} - {"tests"}
+    top = [p.parent for p in REPO.glob("*/__init__.py") if p.parent.name != "tests"]
+    folders = [f for t in top for f in (t, *(p.parent for p in t.rglob("*/__init__.py")))]
+    subpackages = {".".join(f.relative_to(REPO).parts) for f in folders}
+    assert "tasks.importers" in subpackages
     assert set(setuptools["packages"]) == {"tracefix_rl"} | {
         f"tracefix_rl.{n}" for n in subpackages
     }
