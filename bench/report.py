@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -385,6 +387,37 @@ def startup_section(cold: dict[str, Any] | None, gen: dict[str, Any] | None) -> 
     return "\n\n".join(parts)
 
 
+def import_section(runs: list[tuple[str, dict[str, Any]]]) -> str:
+    """``bench/import_bench.py``'s runs: the fixtures' (``import.json``) and any labelled run
+    on the published datasets (``import_LABEL.json``)."""
+    rows = []
+    for label, run in runs:
+        for name, counts in run["import"].items():
+            played = run["played"].get(name, {})
+            dropped = run["dropped"].get(name, {})
+            reasons = Counter(re.sub(r"\S+\.py\b", "a program file", reason.split(";")[0])
+                              for reason in dropped.values())  # fmt: skip
+            rows.append([
+                f"{label}: `{Path(run['inputs'][name]).name}`", name, counts["problems"],
+                counts["kept"], counts["tests_kept"], counts["tests_dropped"],
+                f"{counts['wall_s']} s",
+                f"{played.get('solved_by_reference_fix')} of {played.get('tasks')}",
+                played.get("solved_by_buggy_code"),
+                "; ".join(f"{n}× {r}" for r, n in reasons.most_common()) or "none",
+            ])  # fmt: skip
+    header = ["input", "importer", "problems", "kept", "tests kept", "tests dropped", "import",
+              "solved by the reference fix", "solved by the buggy code",
+              "dropped because"]  # fmt: skip
+    return "\n\n".join([
+        "## Imported benchmarks",
+        "`bench/import_bench.py`: each importer's wall time and counts, then every kept task "
+        "played through a real server (its reference fix submitted; its buggy code submitted "
+        "unchanged). The fixtures are in `tests/fixtures/`; the published datasets are not in "
+        "the repository (the run on them is labelled).",
+        table(header, rows),
+    ])  # fmt: skip
+
+
 def markdown(data: dict[str, dict[str, Any]]) -> str:
     """The whole ``BENCHMARKS.md`` text."""
     stamps = [d for d in data.values() if "machine" in d]
@@ -410,6 +443,10 @@ def markdown(data: dict[str, dict[str, Any]]) -> str:
         parts.append(soak_section(data["soak"]))
     if "trace" in data:
         parts.append(trace_section(data["trace"]))
+    imports = [(("fixtures" if name == "import" else name.removeprefix("import_")), run)
+               for name, run in sorted(data.items()) if name.startswith("import")]  # fmt: skip
+    if imports:
+        parts.append(import_section(imports))
     parts.append(startup_section(data.get("coldstart"), data.get("generate")))
     return "\n\n".join(parts) + "\n"
 

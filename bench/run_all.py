@@ -5,8 +5,10 @@
 Runs, each in a fresh process so one cannot warm or slow the next: the sandbox benchmark,
 the sessions benchmark (WebSocket N = 64, 256, 512; stateful HTTP N = 64, 256; 256
 WebSocket sessions of 10 steps, half RUN_TESTS), cold start (5 runs), corpus generation,
-the 6,000-episode soak and the TRACE benchmark (TRACE vs RUN_TESTS latency on every curated
-task, and the fault-locator study); then ``bench/report.py``. About 5 minutes on 2 cores.
+the 6,000-episode soak, the TRACE benchmark (TRACE vs RUN_TESTS latency on every curated
+task, and the fault-locator study) and the import benchmark (the QuixBugs and HumanEvalPack
+importers on the test fixtures, every kept task played through a server); then
+``bench/report.py``. About 5 minutes on 2 cores.
 The JSON and plots go to ``bench/results/``, the table to ``BENCHMARKS.md``: the committed
 results.
 
@@ -47,6 +49,7 @@ FULL = [
     ["generate_bench.py"],
     ["soak_bench.py", "--episodes", "6000"],
     ["trace_bench.py"],
+    ["import_bench.py"],
 ]
 QUICK = [
     ["sandbox_bench.py", "--quick"],
@@ -54,6 +57,7 @@ QUICK = [
     ["coldstart_bench.py", "--runs", "2"],
     ["soak_bench.py", "--quick"],
     ["trace_bench.py", "--quick"],
+    ["import_bench.py"],
 ]
 
 

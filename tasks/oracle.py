@@ -79,14 +79,17 @@ def buggy_verdict(task: Task, code: str, sandbox: SandboxBackend,
     return judge(result, task.expected, task.float_tolerance)
 
 
-def check_buggy(task: Task, verdict: Verdict, allow_timeouts: bool = False) -> str | None:
+def check_buggy(task: Task, verdict: Verdict, allow_timeouts: bool = False,
+                hidden_failure: bool = True) -> str | None:  # fmt: skip
     """Why ``verdict`` (of the buggy code) makes the task invalid, or None. A buggy program
     that times out everywhere is a fine task when written by a person (the bug may be an
-    infinite loop: ``allow_timeouts``), not when a mutation made it."""
+    infinite loop: ``allow_timeouts``), not when a mutation made it. ``hidden_failure``:
+    some hidden test must fail too (waived only for a single tests list whose buggy code
+    fails one test, which :func:`choose_visible` makes visible)."""
     visible = len(task.visible_tests)
     if all(t.passed for t in verdict.tests[:visible]):
         return "buggy code passes every visible test"
-    if all(t.passed for t in verdict.tests[visible:]):
+    if hidden_failure and all(t.passed for t in verdict.tests[visible:]):
         return "buggy code passes every hidden test"
     if not allow_timeouts and all(
         not t.passed and (t.detail or "").startswith(("timed out", "no result"))
@@ -103,12 +106,14 @@ def oracle_check(task: Task, sandbox: SandboxBackend) -> Task | TaskProblem:
         return TaskProblem(task.origin, expected, task.task_id, task.source)
     task = replace(task, expected=expected)
     verdict = buggy_verdict(task, task.buggy_code, sandbox)
+    single_failure = False
     if task.choose_visible:
         chosen = choose_visible(task, verdict)
         if isinstance(chosen, str):
             return TaskProblem(task.origin, chosen, task.task_id, task.source)
+        single_failure = sum(not t.passed for t in verdict.tests) == 1
         task, verdict = chosen
-    problem = check_buggy(task, verdict, allow_timeouts=True)
+    problem = check_buggy(task, verdict, allow_timeouts=True, hidden_failure=not single_failure)
     if problem is not None:
         return TaskProblem(task.origin, problem, task.task_id, task.source)
     visible = len(task.visible_tests)
@@ -123,13 +128,14 @@ def oracle_check(task: Task, sandbox: SandboxBackend) -> Task | TaskProblem:
 def choose_visible(task: Task, verdict: Verdict) -> tuple[Task, Verdict] | str:
     """Split a single ``tests`` list (held in ``hidden_tests``): about a third visible,
     chosen deterministically from the task id, such that at least one visible and one hidden
-    test fail on the buggy code (``verdict``); each part keeps the file's order. Returns the
-    split task and its verdict in the new order, or why no such split exists."""
+    test fail on the buggy code (``verdict``); each part keeps the file's order. When the
+    buggy code fails just one test, no such split exists: that test is made visible (the
+    hidden tests then all pass on the buggy code and guard against a fix fitted to it).
+    Returns the split task and its verdict in the new order, or why it cannot be split."""
     tests = task.hidden_tests
     failing = [i for i, t in enumerate(verdict.tests) if not t.passed]
-    if len(failing) < 2:
-        return (f"buggy code fails {len(failing)} of {len(tests)} tests; at least 2 must fail "
-                "(one visible, one hidden)")  # fmt: skip
+    if not failing:
+        return f"buggy code passes all {len(tests)} tests"
     order = list(range(len(tests)))
     random.Random(hashlib.sha256(task.task_id.encode()).hexdigest()).shuffle(order)
     count = min(len(tests) - 1, max(1, round(len(tests) * VISIBLE_SHARE)))
@@ -137,7 +143,7 @@ def choose_visible(task: Task, verdict: Verdict) -> tuple[Task, Verdict] | str:
     if not any(i in failing for i in visible):
         first = next(i for i in order if i in failing)
         hidden[hidden.index(first)], visible[-1] = visible[-1], first
-    if not any(i in failing for i in hidden):
+    if len(failing) > 1 and not any(i in failing for i in hidden):
         moved = next(i for i in reversed(visible) if i in failing)
         spare = next((i for i in hidden if i not in failing), hidden[0])
         visible[visible.index(moved)], hidden[hidden.index(spare)] = spare, moved

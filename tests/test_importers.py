@@ -25,8 +25,9 @@ from tracefix_rl.tasks.schema import Task, TaskProblem, parse_task
 FIXTURES = REPO / "tests" / "fixtures"
 QUIXBUGS = FIXTURES / "quixbugs"
 HUMANEVALPACK = FIXTURES / "humanevalpack-python.jsonl"
-QUIXBUGS_KEPT = {"clip_all", "double_all", "leaves", "moves", "newton_root", "popcount"}
-HUMANEVAL_KEPT = {"Python/0", "Python/1", "Python/2", "Python/3", "Python/5"}
+QUIXBUGS_KEPT = {"clip_all", "double_all", "first_even", "leaves", "moves", "newton_root",
+                 "popcount"}  # fmt: skip
+HUMANEVAL_KEPT = {"Python/0", "Python/1", "Python/2", "Python/3", "Python/4", "Python/5"}
 
 
 def run_import(benchmark: str, source: Path, output: Path) -> dict[str, Any]:
@@ -68,19 +69,23 @@ def test_quixbugs_import_keeps_what_loads_and_says_why_the_rest_was_dropped(pack
     report = packs["quixbugs"]
     rows = rows_by_problem(report)
     assert {name for name, row in rows.items() if row["kept"]} == QUIXBUGS_KEPT
-    assert report["problems"] == 8 and report["kept"] == 6
+    assert report["problems"] == 9 and report["kept"] == 7
     assert report["skipped_without_cases"] == ["walk"]
-    assert rows["first_even"]["reason"].startswith("buggy code fails 1 of 4 tests")
+    assert rows["abs_sum"]["reason"] == "buggy code passes all 3 tests"
+    assert rows["first_even"]["notes"] == [
+        "the buggy code fails 1 of 4 tests: it is visible, and every hidden test passes on the "
+        "buggy code"
+    ]
     assert rows["orphan"]["reason"] == "correct_python_programs/orphan.py is missing"
     notes = " | ".join(rows["double_all"]["notes"])
     assert "double_all.json line 6 skipped: invalid JSON" in notes
     assert "'double_all([0, 5])' dropped: solution gives [0, 10]" in notes
     assert rows["double_all"]["tests"] == 4 and rows["double_all"]["tests_dropped"] == 1
     text = Path(report["report"]).read_text()
-    assert "DROPPED first_even: buggy code fails 1 of 4 tests" in text
+    assert "DROPPED abs_sum: buggy code passes all 3 tests" in text
     assert "KEPT    leaves -> quixbugs-leaves" in text
     entries = [json.loads(line) for line in Path(report["output"]).read_text().splitlines()]
-    assert len(entries) == 6 and all("tests" in e and "visible_tests" not in e for e in entries)
+    assert len(entries) == 7 and all("tests" in e and "visible_tests" not in e for e in entries)
     assert {e["source"] for e in entries} == {"quixbugs"}
 
 
@@ -88,8 +93,9 @@ def test_humanevalpack_import_converts_asserts_blocks_and_examples(packs):
     report = packs["humanevalpack"]
     rows = rows_by_problem(report)
     assert {name for name, row in rows.items() if row["kept"]} == HUMANEVAL_KEPT
-    assert rows["Python/4"]["reason"].startswith("buggy code fails 1 of 4 tests")
+    assert "the buggy code fails 1 of 4 tests: it is visible" in rows["Python/4"]["notes"][0]
     assert rows["Python/6"]["reason"] == "missing field(s): test"
+    assert rows["Python/7"]["reason"].startswith("1 test after conversion; a task needs at least 2")
     assert any("left out (does not call candidate): assert True" in n
                for n in rows["Python/0"]["notes"])  # fmt: skip
     notes = rows["Python/5"]["notes"]
@@ -139,6 +145,8 @@ def test_tuples_match_json_arrays_in_the_cross_check_but_grading_stays_type_stri
 
 def test_buggy_code_that_loops_forever_is_a_task_and_the_agent_sees_time_outs(imported):
     task = imported["quixbugs-popcount"]
+    names = {t.name for t in task.all_tests}  # a bare JSON argument is the one argument
+    assert names == {"popcount(127)", "popcount(128)", "popcount(5)"}
     assert task.buggy_all_passed == 0
     verdict = buggy_verdict(task, task.buggy_code, get_sandbox())
     assert all(d.startswith(("timed out", "no result")) for d in (t.detail for t in verdict.tests))
@@ -179,9 +187,13 @@ def test_a_single_tests_list_is_split_or_the_reason_given(registry):
     assert split.visible_tests + split.hidden_tests != () and not split.choose_visible
     tests = ["f(0)", "f(1)", "f(2)", "f(3)"]  # only f(3) fails on the buggy code
     one = oracle_check(parse_task("t", {**SPLIT_TASK, "tests": tests}), sandbox)
-    assert isinstance(one, TaskProblem)
-    assert one.reason == ("buggy code fails 1 of 4 tests; at least 2 must fail "
-                          "(one visible, one hidden)")  # fmt: skip
+    assert isinstance(one, Task) and [t.name for t in one.visible_tests] == ["f(3)"]
+    assert one.buggy_passing == (False, True, True, True)
+    none = oracle_check(parse_task("t", {**SPLIT_TASK, "tests": tests[:3]}), sandbox)
+    assert isinstance(none, TaskProblem) and none.reason == "buggy code passes all 3 tests"
+    explicit = {**SPLIT_TASK, "visible_tests": tests[3:], "hidden_tests": tests[:3]}
+    rejected = oracle_check(parse_task("t", explicit), sandbox)  # the waiver is for tests only
+    assert rejected.reason == "buggy code passes every hidden test"
     both = parse_task("t", {**SPLIT_TASK, "tests": tests, "visible_tests": tests})
     assert "give either tests or visible_tests and hidden_tests, not both" in both.reason
     neither = parse_task("t", {**SPLIT_TASK, "visible_tests": tests})
@@ -228,8 +240,8 @@ def test_imported_tasks_solve_end_to_end_and_are_listed_by_source(packs, importe
     proc = start_server(extra_env={"TRACEFIX_TASKS": str(packs["folder"])})
     assert httpx.get(f"{proc.url}/health").json()["tasks_skipped"] == 0
     page = httpx.get(f"{proc.url}/tasks", params={"source": "quixbugs"}).json()
-    assert page["total"] == 6 and {r["source"] for r in page["tasks"]} == {"quixbugs"}
-    assert page["by_source"]["quixbugs"] == 6 and page["by_source"]["humanevalfix"] == 5
+    assert page["total"] == 7 and {r["source"] for r in page["tasks"]} == {"quixbugs"}
+    assert page["by_source"]["quixbugs"] == 7 and page["by_source"]["humanevalfix"] == 6
     assert page["by_source"]["curated"] == 40
     client = httpx.Client(base_url=proc.url, timeout=60)
     for task in imported.values():
@@ -247,8 +259,8 @@ def test_imported_tasks_solve_end_to_end_and_are_listed_by_source(packs, importe
         env={"TRACEFIX_TASKS": str(packs["folder"]), "PATH": "/usr/bin:/bin"},
     )  # fmt: skip
     facts = json.loads(stats.stdout)
-    assert facts["by_source"] == {"curated": 40, "humanevalfix": 5, "quixbugs": 6}
-    assert sum(facts["by_source_tier"]["quixbugs"].values()) == 6
+    assert facts["by_source"] == {"curated": 40, "humanevalfix": 6, "quixbugs": 7}
+    assert sum(facts["by_source_tier"]["quixbugs"].values()) == 7
 
 
 def test_trace_follows_a_generator_observed_as_a_list(imported):

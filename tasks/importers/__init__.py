@@ -101,6 +101,10 @@ def check_draft(draft: Draft, sandbox: SandboxBackend) -> Outcome:
         return Outcome(draft.name, None, row)
     entry = {**draft.entry, "difficulty": PLACEHOLDER_TIER}
     row["task_id"] = entry.get("task_id")
+    if len(entry["tests"]) < 2:
+        row["reason"] = (f"{len(entry['tests'])} test after conversion; a task needs at least "
+                         "2 (a visible and a hidden one)")  # fmt: skip
+        return Outcome(draft.name, None, row)
     parsed = parse_task(draft.name, entry)
     if isinstance(parsed, TaskProblem):
         row["reason"] = parsed.reason
@@ -122,6 +126,9 @@ def check_draft(draft: Draft, sandbox: SandboxBackend) -> Outcome:
     tier = tier_of(_features(checked))
     kept_items = [entry["tests"][i] for i in kept]
     visible = len(checked.visible_tests)
+    if all(checked.buggy_passing[visible:]):
+        row["notes"].append(f"the buggy code fails 1 of {len(checked.all_tests)} tests: it is "
+                            "visible, and every hidden test passes on the buggy code")  # fmt: skip
     row.update(kept=True, difficulty=tier, visible=visible,
                buggy_visible_failing=visible - checked.buggy_visible_passed)  # fmt: skip
     return Outcome(draft.name, {**entry, "difficulty": tier, "tests": kept_items}, row)

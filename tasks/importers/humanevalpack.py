@@ -3,7 +3,9 @@
 A row of the HumanEvalPack Python JSONL has ``task_id`` (``Python/N``), ``declaration``
 (imports, helpers and the signature), ``buggy_solution`` and ``canonical_solution`` (the
 body), ``docstring``, ``entry_point``, ``bug_type`` and ``test``: a module defining
-``check(candidate)`` whose body asserts on ``candidate(...)``, then calling it. Optional:
+``check(candidate)`` whose body asserts on ``candidate(...)``, then calling it (the
+published rows name the parameter after the entry point, ``def check(has_close_elements)``;
+whatever its name, it is read as ``candidate``). Optional:
 ``example_test`` (the docstring's examples, in the same form) and ``import``.
 
 The program is ``declaration`` + body, as HumanEvalFix presents it; the description is the
@@ -17,7 +19,8 @@ docstring. Each assert in ``check`` becomes a test:
 * other statements (imports, assignments) run before every later test, as they did before
   the asserts that follow them; asserts that do not involve ``candidate`` are left out.
 
-The docstring's example asserts are added when ``test`` does not have them already.
+The docstring's example asserts are added when ``test`` does not have them already (when
+``example_test`` parses: one published row's does not).
 """
 
 from __future__ import annotations
@@ -34,7 +37,21 @@ SOURCE = "humanevalfix"
 REQUIRED = ("task_id", "declaration", "buggy_solution", "canonical_solution", "test",
             "entry_point")  # fmt: skip
 CHECK_FUNCTION = "check"
+CANDIDATE = "candidate"
 METADATA_NAME = "METADATA"
+
+
+class _AsCandidate(ast.NodeTransformer):
+    """Renames ``check``'s parameter to ``candidate`` (the loader's name for the function
+    under test)."""
+
+    def __init__(self, parameter: str) -> None:
+        self.parameter = parameter
+
+    def visit_Name(self, node: ast.Name) -> ast.Name:  # noqa: N802 - ast's visitor name
+        if node.id == self.parameter:
+            return ast.copy_location(ast.Name(id=CANDIDATE, ctx=node.ctx), node)
+        return node
 
 
 def _uses_candidate(node: ast.AST) -> bool:
@@ -78,8 +95,9 @@ def tests_from_check(source: str, entry_point: str) -> tuple[list[Any], list[str
             continue
         else:
             prelude.append(ast.unparse(node))
-    if check is None:
+    if check is None or not check.args.args:
         raise ValueError(f"no def {CHECK_FUNCTION}(candidate) in the test")
+    check = _AsCandidate(check.args.args[0].arg).visit(check)
     items: list[Any] = []
     notes: list[str] = []
     bind = f"candidate = {entry_point}"
@@ -119,7 +137,11 @@ def draft(row: dict[str, Any]) -> Draft:
     try:
         items, notes = tests_from_check(row["test"], entry_point)
         if isinstance(row.get("example_test"), str) and row["example_test"].strip():
-            examples, _ = tests_from_check(row["example_test"], entry_point)
+            try:
+                examples, _ = tests_from_check(row["example_test"], entry_point)
+            except (SyntaxError, ValueError) as exc:
+                examples = []
+                notes.append(f"docstring examples left out: example_test does not parse ({exc})")
             present = {_key(item) for item in items}
             added = [item for item in examples if _key(item) not in present]
             items += added
