@@ -34,6 +34,7 @@ from tracefix_rl.sandbox import SandboxBackend, SandboxFailure
 from tracefix_rl.tasks import TaskRegistry, get_registry
 
 DEFAULT_MAX_STEPS = 50
+SNAPSHOT_FORMAT = 1  # of TraceFixEnvironment.snapshot(); bump when its content changes
 _NOT_PARAMETERS = {"action_type", "thought", "metadata"}
 
 
@@ -166,6 +167,25 @@ class TraceFixEnvironment(Environment[TraceFixAction, TraceFixObservation, Trace
                 "open: send any action to retry the grading"
             )
             return 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        """The running episode as JSON data (``SNAPSHOT_FORMAT``), from which :meth:`restore`
+        continues it in any process serving the same tasks (``server.redis_episodes``)."""
+        if self._episode is None:
+            raise ValueError("no episode is running: call reset first")
+        return {"format": SNAPSHOT_FORMAT, "episode": self._episode.snapshot()}
+
+    def restore(self, snapshot: dict[str, Any]) -> None:
+        """Continue the episode :meth:`snapshot` saved. ``ValueError`` for a snapshot of
+        another format or another version of its task; ``TaskSelectionError`` for a task
+        this process does not serve."""
+        found = snapshot.get("format")
+        if found != SNAPSHOT_FORMAT:
+            raise ValueError(f"episode snapshot format {found!r} is not {SNAPSHOT_FORMAT} "
+                             "(a replica of another version saved it)")  # fmt: skip
+        data = snapshot["episode"]
+        task = self.registry.get(data["task_id"])
+        self._episode = Episode.restore(task, data, self._grader)
 
     def cancel(self) -> None:
         """Cancel this episode's evaluation in flight, if any (thread-safe): a queued one is

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 
 LOOPBACK = "127.0.0.1"
 STOP_GRACE_S = 15.0
@@ -55,3 +56,36 @@ def children_of(pid: int) -> list[int]:
         except OSError:  # the thread ended meanwhile
             continue
     return found
+
+
+REDIS_SERVER = "redis-server"
+READY_TIMEOUT_S = 20.0
+
+
+def wait_for_port(port: int, proc: subprocess.Popen, host: str = LOOPBACK,
+                  timeout_s: float = READY_TIMEOUT_S) -> None:  # fmt: skip
+    """Return once ``host:port`` accepts a TCP connection; ``RuntimeError`` if ``proc``
+    exits first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listened on {host}:{port} within {timeout_s:.0f}s")
+
+
+def start_redis(port: int, log: str = os.devnull) -> subprocess.Popen:
+    """A throwaway ``redis-server`` (Debian's package) on ``127.0.0.1:port``: no persistence,
+    its own session (stop it with :func:`stop_process_group`). Returns once it listens."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(port), "--bind", LOOPBACK, "--save", "",
+             "--appendonly", "no", "--protected-mode", "yes"],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    wait_for_port(port, proc)
+    return proc

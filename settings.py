@@ -39,6 +39,7 @@ FLAG_OFF = ("0", "false", "no")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_PORT = 65535
 MEBIBYTE = 1024 * 1024
+EPISODE_STORE_SCHEMES = ("redis://", "rediss://", "unix://")
 # The largest max_steps a reset may ask for (models.MAX_STEPS_LIMIT; a test holds them equal):
 # the default episode length may not exceed it either.
 MAX_STEPS_LIMIT = 1000
@@ -130,6 +131,11 @@ class Settings(BaseSettings):
         description="With every HTTP slot taken, an unfinished episode not stepped for this "
         "long may be evicted (at most the TTL is used).",
     )
+    episode_store: str = Field(
+        default="memory",
+        description="Where HTTP episodes live: memory (this process), or a Redis URL "
+        "(redis://, rediss:// or unix://) shared by every replica.",
+    )
     max_request_bytes: int = Field(
         default=MEBIBYTE, ge=1, description="Largest HTTP body or WebSocket message."
     )
@@ -195,6 +201,13 @@ class Settings(BaseSettings):
         description="Where each server makes its sandbox root; unset: $TMPDIR/tracefix-sandbox.",
     )
 
+    @field_validator("episode_store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(EPISODE_STORE_SCHEMES):
+            raise ValueError("not memory or a Redis URL")
+        return value
+
     @field_validator("tracefix_tasks")
     @classmethod
     def _existing_path(cls, value: Path | None) -> Path | None:
@@ -217,6 +230,8 @@ def requirement(field: str, model: type[BaseSettings] | None = None) -> str:
         annotation = next(a for a in get_args(annotation) if a is not type(None))
     if field == "tracefix_tasks":
         return "an existing file or folder"
+    if field == "episode_store":
+        return f"memory or a Redis URL ({', '.join(EPISODE_STORE_SCHEMES)}...)"
     if annotation is bool:
         return "1, true or yes (on), or 0, false or no (off), in any case"
     if field == "log_level":

@@ -72,6 +72,18 @@ class Editor:
         # Every task's buggy code was parsed when the task loaded, so it is known to parse.
         self._parsed: tuple[str, SyntaxProblem | None] = (self.code, None)
 
+    def snapshot(self) -> dict[str, list[str]]:
+        """The file and its undo history as JSON data (the original comes with the task)."""
+        return {"lines": list(self.lines), "history": list(self.history)}
+
+    @classmethod
+    def restore(cls, original_code: str, data: dict[str, list[str]]) -> Editor:
+        """The editor :meth:`snapshot` saw, on ``original_code``."""
+        editor = cls(original_code)
+        editor.lines = [str(line) for line in data["lines"]]
+        editor.history = [str(version) for version in data["history"]]
+        return editor
+
     @property
     def code(self) -> str:
         """The file as the sandbox runs it (newline-terminated)."""

@@ -3,6 +3,8 @@ step showed. Actions change it; :meth:`Episode.observe` turns it into an observa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +39,24 @@ def normalised_gain(before: Sequence[bool], after: Sequence[bool], solved: bool)
     return min(1.0, max(0.0, (fixed - regressed) / len(failing)))
 
 
+def task_fingerprint(task: Task) -> str:
+    """Identifies a task's buggy code, solution, tests and expected values: a saved episode
+    continues only on the very task it started on."""
+    payload = json.dumps([task.buggy_code, task.solution, [t.code for t in task.all_tests],
+                          list(task.expected)], sort_keys=True)  # fmt: skip
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def verdict_data(verdict: Verdict) -> dict[str, Any]:
+    return {"tests": [[t.passed, t.detail, t.line] for t in verdict.tests],
+            "tampered": verdict.tampered, "timed_out": verdict.timed_out}  # fmt: skip
+
+
+def verdict_of(data: dict[str, Any]) -> Verdict:
+    tests = tuple(TestVerdict(bool(p), d, line) for p, d, line in data["tests"])
+    return Verdict(tests, tampered=bool(data["tampered"]), timed_out=bool(data["timed_out"]))
+
+
 class Episode:
     """Everything one episode holds, created whole by ``reset``.
 
@@ -65,6 +85,60 @@ class Episode:
         self.gain: float | None = None
         self.solved: bool | None = None
         self.truncated: bool | None = None
+
+    # -- saving and restoring (an HTTP episode kept in Redis moves between replicas) ------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything that the next step and observation depend on, as JSON data: the state,
+        the file and its undo history, the reward's potential, the last measured run, and
+        what the last step showed. The task is named by id (and checked by fingerprint)."""
+        measured = None
+        if self._measured is not None:
+            code, verdict, output = self._measured
+            measured = {"code": code, "verdict": verdict_data(verdict), "output": output}
+        return {
+            "task_id": self.task.task_id,
+            "task_fingerprint": task_fingerprint(self.task),
+            "state": self.state.model_dump(),
+            "editor": self.editor.snapshot(),
+            "phi": self.shaping.phi,
+            "measured": measured,
+            "output": self.output,
+            "error": self.error,
+            "focus": list(self.focus) if self.focus is not None else None,
+            "results": [result.model_dump() for result in self.results],
+            "tests_passed": self.tests_passed,
+            "score": self.score,
+            "gain": self.gain,
+            "solved": self.solved,
+            "truncated": self.truncated,
+        }
+
+    @classmethod
+    def restore(cls, task: Task, data: dict[str, Any], grader: Grader) -> Episode:
+        """The episode :meth:`snapshot` saw, on ``task`` (which must be the same task: a
+        ``ValueError`` says so when its fingerprint differs)."""
+        if data["task_fingerprint"] != task_fingerprint(task):
+            raise ValueError(
+                f"task {task.task_id!r} differs from the one this episode was started on "
+                "(replicas must serve the same tasks)"
+            )
+        episode = cls(task, TraceFixState.model_validate(data["state"]), grader)
+        episode.editor = Editor.restore(task.buggy_code, data["editor"])
+        episode.shaping.phi = float(data["phi"])
+        measured = data["measured"]
+        if measured is not None:
+            episode._measured = (measured["code"], verdict_of(measured["verdict"]),
+                                 measured["output"])  # fmt: skip
+        episode.output = data["output"]
+        episode.error = data["error"]
+        focus = data["focus"]
+        episode.focus = (focus[0], focus[1], focus[2]) if focus is not None else None
+        episode.results = [TestResult.model_validate(r) for r in data["results"]]
+        episode.tests_passed = data["tests_passed"]
+        episode.score, episode.gain = data["score"], data["gain"]
+        episode.solved, episode.truncated = data["solved"], data["truncated"]
+        return episode
 
     # -- what the agent looks at -----------------------------------------------------------
 

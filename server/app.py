@@ -80,7 +80,7 @@ def create_tracefix_app(settings: Settings, loader: TaskLoader | None = None) ->
     from tracefix_rl.environment import TraceFixEnvironment
     from tracefix_rl.models import TraceFixAction, TraceFixObservation
     from tracefix_rl.server import startup
-    from tracefix_rl.server.episodes import HttpEpisodes
+    from tracefix_rl.server.episodes import EpisodeStore, HttpEpisodes
     from tracefix_rl.server.mcp_sessions import McpSessions
     from tracefix_rl.server.middleware import BodyLimit, QuietWebSocketClose
     from tracefix_rl.server.responses import install_error_handlers
@@ -103,14 +103,21 @@ def create_tracefix_app(settings: Settings, loader: TaskLoader | None = None) ->
     with startup.no_pydantic_v1():
         app = _openenv_app(settings, loader, new_environment, TraceFixAction,
                            TraceFixObservation, concurrency)  # fmt: skip
-        episodes = HttpEpisodes(
-            capacity=settings.http_max_episodes,
-            ttl_s=settings.http_episode_ttl_s,
-            grace_s=min(settings.http_episode_ttl_s, settings.http_episode_grace_s),
-        )
+        ttl_s = settings.http_episode_ttl_s
+        bounds = {"capacity": settings.http_max_episodes, "ttl_s": ttl_s,
+                  "grace_s": min(ttl_s, settings.http_episode_grace_s)}  # fmt: skip
+        checks = []
+        if settings.episode_store == "memory":
+            episodes: EpisodeStore = HttpEpisodes(**bounds)
+        else:
+            from tracefix_rl.server.redis_episodes import RedisEpisodes
+
+            episodes = RedisEpisodes(settings.episode_store, new_environment=new_environment,
+                                     **bounds)  # fmt: skip
+            checks.append(episodes.wait_until_reachable)
         app.state.http_episodes = episodes
         app.state.max_request_bytes = settings.max_request_bytes
-        install_lifespan(app, loader)
+        install_lifespan(app, loader, checks)
         app.add_middleware(QuietWebSocketClose)
         app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
         install_error_handlers(app)

@@ -1,7 +1,9 @@
-"""The store of stateful HTTP episodes, keyed by ``episode_id``.
+"""The store of stateful HTTP episodes, keyed by ``episode_id``: the interface
+(:class:`EpisodeStore`) and the in-process store (:class:`HttpEpisodes`, the default;
+``server.redis_episodes`` keeps them in Redis for several replicas).
 
 Upstream OpenEnv builds a new environment per HTTP request; here ``/reset`` stores the
-episode and ``/step`` continues it. Contract of the store:
+episode and ``/step`` continues it. Contract of a store:
 
 * **Bounded**: at most ``capacity`` episodes (``HTTP_MAX_EPISODES``).
 * **Idle time is time since the last step or reset.** Looking an episode up (``GET /state``,
@@ -13,8 +15,8 @@ episode and ``/step`` continues it. Contract of the store:
   :class:`EpisodeStoreFull` says in how many seconds a slot becomes evictable (the HTTP
   layer answers 503 with ``Retry-After``). So one client holding every slot locks others
   out for at most ``grace_s``, unless it keeps stepping every one of its episodes.
-* The store is used from the event loop only (no locking of its own); each episode has an
-  ``asyncio.Lock`` that serialises its steps.
+* **Steps of one episode are serialised**: here by an ``asyncio.Lock`` per episode (the
+  store is used from the event loop only); in Redis by a lease every replica respects.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 from tracefix_rl.environment import TraceFixEnvironment
+from tracefix_rl.models import TraceFixState
 
 log = logging.getLogger("tracefix_rl.server")
 
@@ -44,6 +49,52 @@ class UnknownEpisode(LookupError):
     """No stored episode has this id (never created, expired or evicted)."""
 
 
+class EpisodeStoreUnavailable(RuntimeError):
+    """The store cannot be reached (Redis down): the request may be retried (HTTP 503)."""
+
+
+Result = TypeVar("Result")
+StepRunner = Callable[[TraceFixEnvironment], Awaitable[Result]]
+
+
+class EpisodeStore(Protocol):
+    """What the HTTP routes need of a store of episodes (see the module docstring)."""
+
+    kind: str
+    capacity: int
+
+    async def reserve(self) -> None:
+        """Ensure a slot is free before a reset does its work (may evict; raises
+        :class:`EpisodeStoreFull`)."""
+        ...
+
+    async def start(self, env: TraceFixEnvironment) -> str:
+        """Store the freshly reset episode of ``env`` (replacing one with its id); returns
+        the id. The store owns ``env`` from now on."""
+        ...
+
+    async def step(self, episode_id: str, run: StepRunner[Result]) -> Result:
+        """Run ``run`` on the episode's environment, its steps serialised, and keep what it
+        did; raises :class:`UnknownEpisode`."""
+        ...
+
+    async def state(self, episode_id: str) -> TraceFixState:
+        """The episode's state (reading it does not keep the episode alive)."""
+        ...
+
+    async def count(self) -> int:
+        """Episodes stored (for ``/health``)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Facts for ``/health``: ``kind``, ``capacity`` and the like."""
+        ...
+
+    def close(self) -> None:
+        """At shutdown: release what this process holds (a shared store keeps the episodes)."""
+        ...
+
+
 @dataclass(eq=False)
 class Episode:
     """One stored HTTP episode."""
@@ -56,14 +107,21 @@ class Episode:
     dropped: bool = False  # expired or evicted; the env is closed
 
 
+def check_bounds(capacity: int, ttl_s: float, grace_s: float) -> None:
+    """``ValueError`` unless a store's bounds make sense (settings.py validates them too)."""
+    if capacity < 1:
+        raise ValueError(f"capacity must be at least 1, got {capacity}")
+    if not 0 <= grace_s <= ttl_s:
+        raise ValueError(f"grace_s ({grace_s}) must lie in 0..ttl_s ({ttl_s})")
+
+
 class HttpEpisodes:
-    """Bounded store of HTTP episodes (see the module docstring for the contract)."""
+    """Bounded in-process store of HTTP episodes (see the module docstring)."""
+
+    kind = "memory"
 
     def __init__(self, capacity: int, ttl_s: float, grace_s: float) -> None:
-        if capacity < 1:
-            raise ValueError(f"capacity must be at least 1, got {capacity}")
-        if not 0 <= grace_s <= ttl_s:
-            raise ValueError(f"grace_s ({grace_s}) must lie in 0..ttl_s ({ttl_s})")
+        check_bounds(capacity, ttl_s, grace_s)
         self.capacity = capacity
         self.ttl_s = ttl_s
         self.grace_s = grace_s
@@ -135,6 +193,38 @@ class HttpEpisodes:
     def close(self) -> None:
         for episode_id in list(self._episodes):
             self._drop(episode_id)
+
+    # -- the EpisodeStore interface ---------------------------------------------------------
+
+    async def reserve(self) -> None:
+        self.make_room()
+
+    async def start(self, env: TraceFixEnvironment) -> str:
+        return self.add(env).episode_id
+
+    async def step(self, episode_id: str, run: StepRunner[Result]) -> Result:
+        episode = self.get(episode_id)
+        episode.in_flight += 1
+        try:
+            async with episode.lock:
+                if episode.dropped:  # replaced or evicted while this request waited
+                    raise UnknownEpisode(f"episode_id {episode_id!r} was reset again or "
+                                         "evicted while this step waited")  # fmt: skip
+                self.stepped(episode)
+                result = await run(episode.env)
+                self.stepped(episode)
+                return result
+        finally:
+            episode.in_flight -= 1
+
+    async def state(self, episode_id: str) -> TraceFixState:
+        return self.get(episode_id).env.state
+
+    async def count(self) -> int:
+        return len(self)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "capacity": self.capacity}
 
     def _expire(self) -> None:
         cutoff = time.monotonic() - self.ttl_s

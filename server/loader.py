@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tracefix_rl.sandbox import SandboxBackend, SandboxUnavailable, close_sandbox, get_sandbox
@@ -83,15 +83,20 @@ class TaskLoader:
         close_sandbox()
 
 
-def install_lifespan(app: FastAPI, loader: TaskLoader) -> None:
-    """Wrap ``app``'s lifespan: ``loader`` is ready before the app's own startup handlers
-    run, and the sandbox is closed after its shutdown handlers (or a failed startup)."""
+def install_lifespan(
+    app: FastAPI, loader: TaskLoader, checks: Sequence[Callable[[], Awaitable[None]]] = ()
+) -> None:
+    """Wrap ``app``'s lifespan: ``loader`` is ready and every start-up check has passed (e.g.
+    Redis answers) before the app's own startup handlers run, and the sandbox is closed
+    after its shutdown handlers (or a failed startup)."""
     inner = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(asgi_app: Any) -> AsyncIterator[Any]:
         try:
             await loader.ready()
+            for check in checks:
+                await check()
             async with inner(asgi_app) as state:
                 yield state
         finally:

@@ -57,7 +57,12 @@ from tracefix_rl.models import (
     TraceFixState,
 )
 from tracefix_rl.sandbox import get_sandbox
-from tracefix_rl.server.episodes import Episode, EpisodeStoreFull, HttpEpisodes, UnknownEpisode
+from tracefix_rl.server.episodes import (
+    EpisodeStore,
+    EpisodeStoreFull,
+    EpisodeStoreUnavailable,
+    UnknownEpisode,
+)
 from tracefix_rl.server.mcp import SESSION_METHODS, Transport, dispatch
 from tracefix_rl.server.mcp_sessions import McpCapacityError, McpSessionError, McpSessions
 from tracefix_rl.server.responses import (
@@ -162,7 +167,13 @@ class HealthReport(BaseModel):
     reason: str | None = Field(default=None, description="Why the server is unhealthy.")
     tasks: int
     tasks_skipped: int
-    http_episodes: int
+    http_episodes: int | None = Field(
+        description="HTTP episodes stored (null when the episode store cannot be reached)."
+    )
+    episode_store: dict[str, Any] = Field(
+        description="Where HTTP episodes live (EPISODE_STORE): kind, capacity, and for Redis "
+        "whether it answers."
+    )
     server: dict[str, Any]
     sandbox: dict[str, Any]
 
@@ -186,6 +197,8 @@ class TaskPage(BaseModel):
         "filter."
     )
 
+
+STORE_RETRY_AFTER_S = 2  # Retry-After of a 503 answered while the episode store is down
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -244,7 +257,7 @@ def _unknown_session(session_id: str, request_id: Any = None) -> Response:
 
 def register_http_routes(
     app: FastAPI,
-    episodes: HttpEpisodes,
+    episodes: EpisodeStore,
     new_environment: Callable[[], TraceFixEnvironment] = TraceFixEnvironment,
 ) -> None:
     """Replace openenv's stateless HTTP routes with stateful ones and add the info routes;
@@ -262,14 +275,17 @@ def register_http_routes(
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(http_threads, functools.partial(call, *args, **kwargs))
 
-    def lookup(episode_id: str) -> Episode:
-        try:
-            return episodes.get(episode_id)
-        except UnknownEpisode as exc:
-            raise HTTPException(404, str(exc)) from None
-
     def store_full(exc: EpisodeStoreFull) -> HTTPException:
         return HTTPException(503, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+    def store_down(exc: EpisodeStoreUnavailable) -> HTTPException:
+        return HTTPException(503, str(exc), headers={"Retry-After": str(STORE_RETRY_AFTER_S)})
+
+    async def count_episodes() -> int | None:
+        try:
+            return await episodes.count()
+        except EpisodeStoreUnavailable:
+            return None
 
     @json_route(
         "/reset",
@@ -294,9 +310,11 @@ def register_http_routes(
         episode slot is in use (see ``server.episodes``).
         """
         try:
-            episodes.make_room()  # refuse before doing the work
+            await episodes.reserve()  # refuse before doing the work
         except EpisodeStoreFull as exc:
             raise store_full(exc) from None
+        except EpisodeStoreUnavailable as exc:
+            raise store_down(exc) from None
         env = new_environment()
         try:
             observation = await in_thread(
@@ -309,12 +327,13 @@ def register_http_routes(
                 {**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)
             )
         try:
-            episode = episodes.add(env)
+            episode_id = await episodes.start(env)
         except EpisodeStoreFull as exc:
-            env.close()
             raise store_full(exc) from None
+        except EpisodeStoreUnavailable as exc:
+            raise store_down(exc) from None
         response = SafeJSONResponse(serialize_observation(observation))
-        response.set_cookie(EPISODE_COOKIE, cookie_value(episode.episode_id), path="/",
+        response.set_cookie(EPISODE_COOKIE, cookie_value(episode_id), path="/",
                             httponly=True, samesite="lax")  # fmt: skip
         return response
 
@@ -339,18 +358,14 @@ def register_http_routes(
         episode_id = body.episode_id or (unquote(tracefix_episode) if tracefix_episode else None)
         if not episode_id:
             raise HTTPException(400, NO_EPISODE)
-        episode = lookup(episode_id)
-        episode.in_flight += 1
         try:
-            async with episode.lock:
-                if episode.dropped:  # replaced or evicted while this request waited
-                    raise HTTPException(404, f"episode_id {episode_id!r} was reset again or "
-                                        "evicted while this step waited")  # fmt: skip
-                episodes.stepped(episode)
-                observation = await in_thread(episode.env.step, body.action)
-                episodes.stepped(episode)
-        finally:
-            episode.in_flight -= 1
+            observation = await episodes.step(
+                episode_id, lambda env: in_thread(env.step, body.action)
+            )
+        except UnknownEpisode as exc:
+            raise HTTPException(404, str(exc)) from None
+        except EpisodeStoreUnavailable as exc:
+            raise store_down(exc) from None
         return SafeJSONResponse(serialize_observation(observation))
 
     @json_route(
@@ -372,7 +387,13 @@ def register_http_routes(
         key = episode_id or (unquote(tracefix_episode) if tracefix_episode else None)
         if not key:
             return SafeJSONResponse(TraceFixState().model_dump())
-        return SafeJSONResponse(lookup(key).env.state.model_dump())
+        try:
+            found = await episodes.state(key)
+        except UnknownEpisode as exc:
+            raise HTTPException(404, str(exc)) from None
+        except EpisodeStoreUnavailable as exc:
+            raise store_down(exc) from None
+        return SafeJSONResponse(found.model_dump())
 
     @json_route("/schema", methods=["GET"], tags=["Schema"], response_model=SchemaResponse,
                 responses=documented())  # fmt: skip
@@ -413,7 +434,8 @@ def register_http_routes(
         report |= {
             "tasks": len(registry.tasks),
             "tasks_skipped": len(registry.problems),
-            "http_episodes": len(episodes),
+            "http_episodes": await count_episodes(),
+            "episode_store": episodes.describe(),
             "server": {"pid": os.getpid(), "open_fds": len(os.listdir("/proc/self/fd"))},
             "sandbox": facts,
         }

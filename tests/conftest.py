@@ -22,7 +22,12 @@ from tracefix_rl import models  # noqa: E402,F401  (first: keeps gradio out of t
 # isort: split
 
 from tracefix_rl.environment import TraceFixEnvironment  # noqa: E402
-from tracefix_rl.procs import free_port, stop_process_group  # noqa: E402,F401  (re-exported)
+from tracefix_rl.procs import (  # noqa: E402,F401  (re-exported)
+    REDIS_SERVER,
+    free_port,
+    start_redis,
+    stop_process_group,
+)
 from tracefix_rl.server import SERVER_MODULE  # noqa: E402
 from tracefix_rl.tasks import TaskRegistry, get_registry  # noqa: E402
 
@@ -156,3 +161,34 @@ def start_server() -> Iterator:
     yield start
     for proc in started:
         proc.stop()
+
+
+def require_program(program: str, package: str) -> None:
+    """Skip when ``program`` is missing, except under CI (``.ci/run`` installs ``package``),
+    where that is a failure."""
+    if shutil.which(program) is None:
+        message = f"{program} is not installed (apt-get install {package})"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A throwaway Redis (Debian's redis-server) on a free loopback port: its URL's base."""
+    require_program(REDIS_SERVER, "redis-server")
+    port = free_port()
+    proc = start_redis(port)
+    yield f"redis://127.0.0.1:{port}"
+    stop_process_group(proc)
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> str:
+    """The URL of an emptied Redis database for one test."""
+    import redis
+
+    client = redis.Redis.from_url(f"{redis_server}/0")
+    client.flushdb()
+    client.close()
+    return f"{redis_server}/0"
