@@ -387,6 +387,96 @@ def startup_section(cold: dict[str, Any] | None, gen: dict[str, Any] | None) -> 
     return "\n\n".join(parts)
 
 
+def replicas_section(run: dict[str, Any]) -> str:
+    """``bench/replicas.py``: replicas behind HAProxy sharing HTTP episodes through Redis."""
+    parts = ["## Replicas behind HAProxy (`bench/replicas.py`)"]
+    config = run.get("config", {})
+    parts.append(
+        f"{run.get('mode', '?')} run, {config.get('replicas', '?')} replicas on loopback "
+        "behind Debian's HAProxy with `deploy/haproxy.cfg`, HTTP episodes in Debian's Redis "
+        f"(`EPISODE_STORE`), {run.get('wall_s', '?')} s in all. Client, HAProxy, Redis and "
+        "every replica share the machine's cores."
+    )
+    eq = run.get("equivalence", {})
+    if eq:
+        paths = {"direct": "directly, in turn", "haproxy": "through HAProxy"}
+        rows = [[label, eq[name].get("bodies"), _yes(bool(eq[name].get("identical"))),
+                 eq[name].get("replica_switches")]
+                for name, label in paths.items() if name in eq]  # fmt: skip
+        parts.append(
+            f"**Equivalence.** {eq.get('episodes')} scripted HTTP episodes "
+            f"({eq.get('steps_per_episode')} steps each, correct and wrong fixes) replayed "
+            "on one in-process server, then with their steps alternating across replicas; "
+            "every response body compared byte for byte:"
+        )
+        parts.append(table(["steps sent to the replicas", "bodies", "identical to one server",
+                            "share of steps that changed replica"], rows))  # fmt: skip
+    kill = run.get("kill", {})
+    if kill:
+        ws, http = kill.get("ws", {}), kill.get("http", {})
+        timeline = kill.get("timeline_s", {})
+        restart = kill.get("restart", {})
+        parts.append(
+            f"**Killing a replica mid-run** (SIGTERM to {kill.get('victim')} while "
+            f"{ws.get('clients')} WebSocket clients and {http.get('episodes')} HTTP episodes "
+            f"play): WebSocket close codes seen {ws.get('close_codes')}; the victim's "
+            f"{ws.get('on_victim')} clients reconnected through HAProxy and finished: "
+            f"{_yes(bool(ws.get('victim_clients_reconnected_and_finished')))}; the others "
+            f"undisturbed: {_yes(bool(ws.get('others_undisturbed')))}. HTTP episodes: "
+            f"{http.get('finished')} of {http.get('episodes')} finished, identical to one "
+            f"server (nothing lost, nothing applied twice): "
+            f"{_yes(bool(http.get('identical')))}, with {http.get('retries_total')} client "
+            f"retries ({http.get('retries')}). The victim exited "
+            f"{timeline.get('exit_after')} s after the signal; restarted, it was healthy "
+            f"after {restart.get('healthy_after_s')} s and served "
+            f"{restart.get('requests_served_by_victim')} of {restart.get('requests')} "
+            "requests of a new run."
+        )
+    scaling = run.get("scaling", {})
+    if scaling.get("points"):
+        rows = []
+        for point in scaling["points"]:
+            cpu = point.get("cpu_cores", {})
+            tests = point.get("latency_ms_by_action", {}).get("RUN_TESTS", {})
+            rows.append([point["replicas"], point["steps_per_s"], point.get("ratio_to_1"),
+                         point["latency_ms"]["p50"], point["latency_ms"]["p99"],
+                         tests.get("p50"), point.get("errors"), cpu.get("replicas"),
+                         cpu.get("haproxy"), cpu.get("redis"), cpu.get("client"),
+                         point.get("machine_busy")])  # fmt: skip
+        parts.append(
+            f"**Throughput.** {scaling.get('sessions')} WebSocket sessions through HAProxy, "
+            f"{scaling.get('duration_s')} s after a {scaling.get('warmup_s')} s warm-up; CPU "
+            f"in cores used (the machine has {scaling.get('cpus')}):"
+        )
+        parts.append(table(["replicas", "steps/s", "× 1 replica", "p50 ms", "p99 ms",
+                            "RUN_TESTS p50 ms", "errors", "CPU replicas", "CPU HAProxy",
+                            "CPU Redis", "CPU client", "machine busy"], rows))  # fmt: skip
+        parts.append(
+            "Where it flattens, and why: with one replica, its sandbox workers "
+            "(`SANDBOX_WORKERS`) are the limit, RUN_TESTS waiting in their queue while the "
+            "cores still have room; a second replica brings more workers and fills the "
+            "cores (machine busy near 1); past that, every replica, HAProxy and the client "
+            "share the same cores, so more replicas add nothing here. Replicas on their own "
+            "machines add their cores."
+        )
+    latency = run.get("redis_latency", {})
+    if latency.get("difference_ms"):
+        rows = []
+        for action, diff in latency["difference_ms"].items():
+            memory, shared = latency["memory"][action], latency["redis"][action]
+            rows.append([action, memory["p50"], shared["p50"], diff["p50"], memory["p99"],
+                         shared["p99"], diff["p99"]])  # fmt: skip
+        parts.append(
+            f"**What Redis costs an HTTP step** (one replica, sequential requests, "
+            f"{latency.get('cycles')} interleaved cycles; Redis PING p50 "
+            f"{latency.get('redis_ping_ms', {}).get('p50')} ms; "
+            f"{latency.get('redis_commands_per_step')} Redis commands per step):"
+        )
+        parts.append(table(["action", "memory p50 ms", "Redis p50 ms", "+ p50", "memory p99 ms",
+                            "Redis p99 ms", "+ p99"], rows))  # fmt: skip
+    return "\n\n".join(parts)
+
+
 def import_section(runs: list[tuple[str, dict[str, Any]]]) -> str:
     """``bench/import_bench.py``'s runs: the fixtures' (``import.json``) and any labelled run
     on the published datasets (``import_LABEL.json``)."""
@@ -443,6 +533,8 @@ def markdown(data: dict[str, dict[str, Any]]) -> str:
         parts.append(soak_section(data["soak"]))
     if "trace" in data:
         parts.append(trace_section(data["trace"]))
+    if "replicas" in data:
+        parts.append(replicas_section(data["replicas"]))
     imports = [(("fixtures" if name == "import" else name.removeprefix("import_")), run)
                for name, run in sorted(data.items()) if name.startswith("import")]  # fmt: skip
     if imports:

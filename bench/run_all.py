@@ -7,8 +7,10 @@ the sessions benchmark (WebSocket N = 64, 256, 512; stateful HTTP N = 64, 256; 2
 WebSocket sessions of 10 steps, half RUN_TESTS), cold start (5 runs), corpus generation,
 the 6,000-episode soak, the TRACE benchmark (TRACE vs RUN_TESTS latency on every curated
 task, and the fault-locator study) and the import benchmark (the QuixBugs and HumanEvalPack
-importers on the test fixtures, every kept task played through a server); then
-``bench/report.py``. About 5 minutes on 2 cores.
+importers on the test fixtures, every kept task played through a server) and the replicas
+benchmark (Redis, 3 replicas and HAProxy on loopback: equivalence, a replica killed mid-run,
+throughput with 1-3 replicas, what Redis costs a step); then ``bench/report.py``.
+About 8 minutes on 2 cores.
 The JSON and plots go to ``bench/results/``, the table to ``BENCHMARKS.md``: the committed
 results.
 
@@ -50,6 +52,7 @@ FULL = [
     ["soak_bench.py", "--episodes", "6000"],
     ["trace_bench.py"],
     ["import_bench.py"],
+    ["replicas.py"],
 ]
 QUICK = [
     ["sandbox_bench.py", "--quick"],
@@ -58,6 +61,7 @@ QUICK = [
     ["soak_bench.py", "--quick"],
     ["trace_bench.py", "--quick"],
     ["import_bench.py"],
+    ["replicas.py", "--quick"],
 ]
 
 

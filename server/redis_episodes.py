@@ -62,6 +62,11 @@ LEASE_RENEW_S = LEASE_MS / 3000  # renewed this often while its step runs
 LOCK_WAIT_S = 600.0  # a step waits this long for another step of its episode to end
 LOCK_POLL_S = (0.002, 0.05)  # first and longest pause between attempts to take the lease
 EVICTION_SCAN = 64  # candidates the eviction script looks at, oldest first
+LEASE_LOST = -1  # what the commit script answers when the step no longer holds the lease
+NOT_KEPT = ("the episode store (Redis) stalled while this step was saved, and the step was "
+            "not kept: retry it")  # fmt: skip
+SETTLE_WAIT_S = 30.0  # how long a step whose save went unanswered asks what became of it
+SETTLE_POLL_S = 0.5
 CONNECT_WAIT_S = 15.0  # at start-up, how long to wait for Redis to answer
 SOCKET_TIMEOUT_S = 10.0
 
@@ -115,15 +120,26 @@ end
 return {1, victim}
 """
 
-# KEYS: episode, index, finished. ARGV: meta read, new meta, payload, ttl_ms, now_ms, id,
-# done (1/0). Stores the payload if the stored meta is still the one the step read.
+# KEYS: episode, index, finished, lock. ARGV: meta read, new meta, payload, ttl_ms, now_ms,
+# id, done (1/0), lease token. Stores the payload if the step still holds the lease (else
+# -1; see _SETTLE) and the stored meta is still the one it read (else 0: reset or evicted).
 _COMMIT = """
+if redis.call('GET', KEYS[4]) ~= ARGV[8] then return -1 end
 if redis.call('HGET', KEYS[1], 'meta') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'meta', ARGV[2], 'data', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[2], tonumber(ARGV[5]), ARGV[6])
 if ARGV[7] == '1' then redis.call('ZADD', KEYS[3], tonumber(ARGV[5]), ARGV[6]) end
 return 1
+"""
+
+# KEYS: episode, lock. ARGV: new meta, lease token. After a commit whose answer was lost:
+# 1 if it was applied; else the step's lease is dropped, so that the commit, should it
+# still be on its way, can no longer apply (it checks the lease), and 0.
+_SETTLE = """
+if redis.call('HGET', KEYS[1], 'meta') == ARGV[1] then return 1 end
+if redis.call('GET', KEYS[2]) == ARGV[2] then redis.call('DEL', KEYS[2]) end
+return 0
 """
 
 # KEYS: episode, index. ARGV: now_ms, id. Marks the episode as stepped (at a step's start).
@@ -175,6 +191,7 @@ class RedisEpisodes:
                                      socket_connect_timeout=SOCKET_TIMEOUT_S)  # fmt: skip
         self._add = self._redis.register_script(_ADD)
         self._commit = self._redis.register_script(_COMMIT)
+        self._settle = self._redis.register_script(_SETTLE)
         self._touch = self._redis.register_script(_TOUCH)
         self._release = self._redis.register_script(_RELEASE)
         self._renew = self._redis.register_script(_RENEW)
@@ -291,10 +308,18 @@ class RedisEpisodes:
             env.restore(snapshot)
             result = await run(env)
             incarnation, rev = meta.rsplit(":", 1)
-            keys = [self._episode_key(episode_id), self._INDEX, self._FINISHED]
-            args = [meta, f"{incarnation}:{int(rev) + 1}", self._payload(env), self.ttl_ms,
-                    _now_ms(), episode_id, "1" if env.state.done else "0"]  # fmt: skip
-            if not await self._call(self._commit(keys=keys, args=args)):
+            new_meta = f"{incarnation}:{int(rev) + 1}"
+            keys = [self._episode_key(episode_id), self._INDEX, self._FINISHED,
+                    self._lock_key(episode_id)]  # fmt: skip
+            args = [meta, new_meta, self._payload(env), self.ttl_ms, _now_ms(), episode_id,
+                    "1" if env.state.done else "0", token]  # fmt: skip
+            try:
+                committed = await self._call(self._commit(keys=keys, args=args))
+            except EpisodeStoreUnavailable:
+                committed = await self._settled(episode_id, new_meta, token)
+            if committed == LEASE_LOST:
+                raise EpisodeStoreUnavailable(NOT_KEPT)
+            if not committed:
                 raise UnknownEpisode(f"episode_id {episode_id!r} was reset again or evicted "
                                      "while this step ran; the step was not kept")  # fmt: skip
             return result
@@ -321,6 +346,30 @@ class RedisEpisodes:
     def close(self) -> None:
         """Nothing to release: the episodes stay in Redis for the other replicas (and this
         one after a restart); connections close with the process."""
+
+    async def _settled(self, episode_id: str, new_meta: str, token: str) -> bool:
+        """Whether a commit whose answer was lost (Redis stalled or the connection broke
+        after it was sent) was applied: asked until Redis answers, within
+        ``SETTLE_WAIT_S``. Once answered, the answer is final (see ``_SETTLE``), so a 503
+        then means the step was not kept and may be retried. If Redis does not answer in
+        time, the outcome is unknown, and the 503 says how to find out."""
+        deadline = time.monotonic() + SETTLE_WAIT_S
+        keys = [self._episode_key(episode_id), self._lock_key(episode_id)]
+        while True:
+            try:
+                applied = await self._call(self._settle(keys=keys, args=[new_meta, token]))
+                break
+            except EpisodeStoreUnavailable:
+                if time.monotonic() > deadline:
+                    raise EpisodeStoreUnavailable(
+                        "the episode store (Redis) stopped answering while this step was "
+                        "saved; whether it was kept is unknown: GET /state shows the step "
+                        "count before you retry"
+                    ) from None
+                await asyncio.sleep(SETTLE_POLL_S)
+        if not applied:
+            raise EpisodeStoreUnavailable(NOT_KEPT)
+        return True
 
     # -- the lease --------------------------------------------------------------------------
 

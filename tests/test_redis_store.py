@@ -166,6 +166,40 @@ def test_redis_down_is_a_503_and_the_websocket_path_keeps_working(start_server, 
     stop_process_group(proc)
 
 
+def test_a_step_whose_save_goes_unanswered_is_reported_truthfully(start_server):
+    """Redis stops answering while a step is being saved (longer than the client's socket
+    timeout): the 503 must say whether the step was kept, so that a retry applies it once."""
+    from tracefix_rl.procs import free_port, start_redis, stop_process_group
+
+    port = free_port()
+    proc = start_redis(port)
+    server = start_server(extra_env={"EPISODE_STORE": f"redis://127.0.0.1:{port}/0"})
+    try:
+        httpx.post(f"{server.url}/reset", json={"task_id": TASK, "episode_id": "stall"})
+        slow = {"action_type": "REPLACE_LINES", "start_line": 1, "end_line": 0,
+                "new_code_block": "import time\ntime.sleep(0.2)"}  # fmt: skip
+        assert send(server.url, "stall", slow).json()["observation"]["step_count"] == 1
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(send, server.url, "stall", {"action_type": "RUN_TESTS"})
+            time.sleep(0.3)  # the step holds its lease and runs its tests (0.2 s each)
+            proc.send_signal(signal.SIGSTOP)
+            time.sleep(12)  # longer than the socket timeout (10 s): the save's answer is lost
+            proc.send_signal(signal.SIGCONT)
+            answer = pending.result(timeout=120)
+        count = httpx.get(f"{server.url}/state", params={"episode_id": "stall"}).json()
+        if answer.status_code == 200:
+            assert answer.json()["observation"]["step_count"] == count["step_count"] == 2
+        else:
+            assert answer.status_code == 503, answer.text
+            assert "the step was not kept: retry it" in answer.json()["detail"]
+            assert count["step_count"] == 1
+            again = send(server.url, "stall", {"action_type": "RUN_TESTS"})
+            assert again.json()["observation"]["step_count"] == 2  # applied once
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        stop_process_group(proc)
+
+
 def test_a_server_whose_redis_never_answers_refuses_to_start():
     from tests.conftest import run_refused_server
     from tracefix_rl.procs import free_port
