@@ -29,6 +29,7 @@ import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, get_args, get_origin
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -40,6 +41,7 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_PORT = 65535
 MEBIBYTE = 1024 * 1024
 EPISODE_STORE_SCHEMES = ("redis://", "rediss://", "unix://")
+URL_FIELDS = frozenset({"episode_store"})  # may hold a password: shown redacted
 # The largest max_steps a reset may ask for (models.MAX_STEPS_LIMIT; a test holds them equal):
 # the default episode length may not exceed it either.
 MAX_STEPS_LIMIT = 1000
@@ -250,6 +252,18 @@ def requirement(field: str, model: type[BaseSettings] | None = None) -> str:
     return words
 
 
+def redacted(url: str) -> str:
+    """``url`` without its password (``redis://user:secret@host`` → ``redis://user:***@host``),
+    for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
 def _problems(error: ValidationError, model: type[BaseSettings]) -> list[str]:
     problems: dict[str, str] = {}
     for item in error.errors():
@@ -257,9 +271,12 @@ def _problems(error: ValidationError, model: type[BaseSettings]) -> list[str]:
         if field not in model.model_fields:
             problems.setdefault(field, f"{field or 'settings'}: {item['msg']}")
             continue
+        shown = item["input"]
+        if isinstance(shown, str) and field in URL_FIELDS:
+            shown = redacted(shown)
         problems.setdefault(
             field,
-            f"{variable(field)} must be {requirement(field, model)}, got {item['input']!r}",
+            f"{variable(field)} must be {requirement(field, model)}, got {shown!r}",
         )
     return list(problems.values())
 

@@ -50,6 +50,7 @@ from tracefix_rl.server.episodes import (
     UnknownEpisode,
     check_bounds,
 )
+from tracefix_rl.settings import redacted
 
 log = logging.getLogger("tracefix_rl.server")
 
@@ -236,7 +237,7 @@ class RedisEpisodes:
             except (RedisError, OSError) as exc:
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"EPISODE_STORE: Redis at {self.url} did not answer within "
+                        f"EPISODE_STORE: Redis at {redacted(self.url)} did not answer within "
                         f"{wait_s:.0f}s ({type(exc).__name__}: {exc})"
                     ) from None
                 await asyncio.sleep(0.5)
@@ -258,7 +259,12 @@ class RedisEpisodes:
                 f"unknown or expired episode_id {episode_id!r} (HTTP episodes expire "
                 f"{self.ttl_s:.0f}s after their last step); POST /reset to start one"
             )
-        return meta.decode(), json.loads(data)
+        try:
+            return meta.decode(), json.loads(data)
+        except ValueError:  # UnicodeDecodeError included: not written by this store
+            raise EpisodeStoreUnavailable(
+                f"episode {episode_id!r} is stored in a form this replica cannot read"
+            ) from None
 
     async def _place(self, episode_id: str, payload: str, meta: str = "") -> None:
         """Run the add script (``episode_id`` '' only reserves); raises
@@ -305,7 +311,12 @@ class RedisEpisodes:
             await self._call(self._touch(keys=[self._episode_key(episode_id), self._INDEX],
                                          args=[_now_ms(), episode_id]))  # fmt: skip
             env = self._new_environment()
-            env.restore(snapshot)
+            try:
+                env.restore(snapshot)
+            except (KeyError, TypeError, ValueError) as exc:  # TaskSelectionError included
+                raise EpisodeStoreUnavailable(
+                    f"this replica cannot continue episode {episode_id!r}: {exc}"
+                ) from None
             result = await run(env)
             incarnation, rev = meta.rsplit(":", 1)
             new_meta = f"{incarnation}:{int(rev) + 1}"

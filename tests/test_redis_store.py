@@ -240,6 +240,33 @@ def test_snapshots_restore_every_action_byte_for_byte(registry):
     moving.close()
 
 
+def test_a_replica_without_the_episodes_task_answers_503_not_500(start_server, redis_url,
+                                                                 tmp_path: Path):  # fmt: skip
+    """Replicas must serve the same tasks; one that does not says so (another may serve)."""
+    from tests.test_tasks import GOOD_TASK
+
+    pack = tmp_path / "pack.jsonl"
+    pack.write_text(json.dumps(GOOD_TASK) + "\n")
+    with_pack = start_server(extra_env={"EPISODE_STORE": redis_url, "TRACEFIX_TASKS": str(pack)})
+    without = start_server(extra_env={"EPISODE_STORE": redis_url})
+    task_id = GOOD_TASK["task_id"]
+    httpx.post(f"{with_pack.url}/reset", json={"task_id": task_id, "episode_id": "extra"})
+    refused = send(without.url, "extra", {"action_type": "RUN_TESTS"})
+    assert refused.status_code == 503
+    assert "this replica cannot continue episode 'extra'" in refused.json()["detail"]
+    assert send(with_pack.url, "extra", {"action_type": "RUN_TESTS"}).status_code == 200
+
+
+def test_a_password_in_the_store_url_is_never_shown(monkeypatch):
+    from tracefix_rl.settings import SettingsError, load_settings, redacted
+
+    assert redacted("redis://:hunter2@redis:6379/0") == "redis://:***@redis:6379/0"
+    monkeypatch.setenv("EPISODE_STORE", "http://user:hunter2@redis:6379/0")
+    with pytest.raises(SettingsError) as refused:
+        load_settings()
+    assert "hunter2" not in str(refused.value) and "user:***@redis" in str(refused.value)
+
+
 def test_the_configuration_reference_documents_the_store():
     text = (REPO / "docs" / "configuration.md").read_text()
     assert "| `EPISODE_STORE` | `memory` |" in text
