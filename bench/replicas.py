@@ -33,8 +33,9 @@ heavy load):
    pause between steps; once every one of them is under way, the victim gets SIGTERM. The
    victim's WebSocket clients must see a close frame (its codes are recorded), reconnect
    through HAProxy and play their episode again to the end; the others must finish
-   undisturbed. HTTP clients retry a 502/503/504 (and a step answered "not counted",
-   which a replica answers when its shutdown cancels the evaluation), each retry counted;
+   undisturbed. HTTP clients retry a 502/503/504 with the step's ``request_id`` (so a
+   step whose answer was lost is answered, not applied, again) and a step answered "not
+   counted" (a replica's shutdown cancelled its evaluation) with a new one, each counted;
    every HTTP episode's bodies must equal the reference's (so no step was lost or applied
    twice), every WebSocket observation the reference's observation. Then the victim is
    started again on its port and must serve (HAProxy's health check takes it back).
@@ -552,7 +553,10 @@ def not_counted(response: httpx.Response) -> bool:
 async def request(client: httpx.AsyncClient, method: str, path: str, retries: Counter[str],
                   **kwargs: Any) -> httpx.Response:  # fmt: skip
     """One request, retried (each retry counted in ``retries``) on 502/503/504, on a
-    transport error and on a step answered "not counted"; any other non-200 raises."""
+    transport error and on a step answered "not counted"; any other non-200 raises. A step's
+    ``request_id`` stays the same across retries of a lost answer (the server answers a
+    repeat instead of applying it twice) and changes for a step answered "not counted"."""
+    attempt = 0
     while True:
         try:
             response = await client.request(method, path, **kwargs)
@@ -571,6 +575,10 @@ async def request(client: httpx.AsyncClient, method: str, path: str, retries: Co
                                f"{response.content[:300]!r}")  # fmt: skip
         if not_counted(response):
             retries["not_counted"] += 1
+            attempt += 1
+            body = kwargs.get("json")
+            if isinstance(body, dict) and "request_id" in body:
+                kwargs["json"] = {**body, "request_id": f"{body['request_id']}.{attempt}"}
             await asyncio.sleep(RETRY_PAUSE_S)
             continue
         return response
@@ -594,7 +602,8 @@ async def play_http(spec: Spec, route: Route, retries: Counter[str], pause_s: fl
     for index, action in enumerate(actions, 1):
         if pause_s:
             await asyncio.sleep(pause_s)
-        payload = {"action": action, "episode_id": spec.episode_id}
+        payload = {"action": action, "episode_id": spec.episode_id,
+                   "request_id": f"{spec.episode_id}.{index}"}  # fmt: skip
         keep(await request(route(index), "POST", "/step", retries, json=payload))
         if on_step is not None:
             on_step()

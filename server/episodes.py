@@ -17,6 +17,9 @@ episode and ``/step`` continues it. Contract of a store:
   out for at most ``grace_s``, unless it keeps stepping every one of its episodes.
 * **Steps of one episode are serialised**: here by an ``asyncio.Lock`` per episode (the
   store is used from the event loop only); in Redis by a lease every replica respects.
+* **A retried step is answered, not applied again**: a step given a ``request_id`` that the
+  episode's last applied step had gets that step's observation back (only the last step is
+  remembered), so a client may retry a step whose answer it lost.
 """
 
 from __future__ import annotations
@@ -27,10 +30,10 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from tracefix_rl.environment import TraceFixEnvironment
-from tracefix_rl.models import TraceFixState
+from tracefix_rl.models import TraceFixObservation, TraceFixState
 
 log = logging.getLogger("tracefix_rl.server")
 
@@ -53,8 +56,7 @@ class EpisodeStoreUnavailable(RuntimeError):
     """The store cannot be reached (Redis down): the request may be retried (HTTP 503)."""
 
 
-Result = TypeVar("Result")
-StepRunner = Callable[[TraceFixEnvironment], Awaitable[Result]]
+StepRunner = Callable[[TraceFixEnvironment], Awaitable[TraceFixObservation]]
 
 
 class EpisodeStore(Protocol):
@@ -73,9 +75,12 @@ class EpisodeStore(Protocol):
         the id. The store owns ``env`` from now on."""
         ...
 
-    async def step(self, episode_id: str, run: StepRunner[Result]) -> Result:
+    async def step(
+        self, episode_id: str, run: StepRunner, request_id: str | None = None
+    ) -> TraceFixObservation:
         """Run ``run`` on the episode's environment, its steps serialised, and keep what it
-        did; raises :class:`UnknownEpisode`."""
+        did; if the episode's last step had ``request_id``, return its observation instead.
+        Raises :class:`UnknownEpisode`."""
         ...
 
     async def state(self, episode_id: str) -> TraceFixState:
@@ -105,6 +110,7 @@ class Episode:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     in_flight: int = 0  # /step requests holding or waiting for the lock
     dropped: bool = False  # expired or evicted; the env is closed
+    last_request: tuple[str, TraceFixObservation] | None = None  # the last step's id, answer
 
 
 def check_bounds(capacity: int, ttl_s: float, grace_s: float) -> None:
@@ -202,7 +208,9 @@ class HttpEpisodes:
     async def start(self, env: TraceFixEnvironment) -> str:
         return self.add(env).episode_id
 
-    async def step(self, episode_id: str, run: StepRunner[Result]) -> Result:
+    async def step(
+        self, episode_id: str, run: StepRunner, request_id: str | None = None
+    ) -> TraceFixObservation:
         episode = self.get(episode_id)
         episode.in_flight += 1
         try:
@@ -210,9 +218,13 @@ class HttpEpisodes:
                 if episode.dropped:  # replaced or evicted while this request waited
                     raise UnknownEpisode(f"episode_id {episode_id!r} was reset again or "
                                          "evicted while this step waited")  # fmt: skip
+                last = episode.last_request
+                if request_id is not None and last is not None and last[0] == request_id:
+                    return last[1]  # a retry of the step already applied
                 self.stepped(episode)
                 result = await run(episode.env)
                 self.stepped(episode)
+                episode.last_request = (request_id, result) if request_id is not None else None
                 return result
         finally:
             episode.in_flight -= 1

@@ -6,10 +6,11 @@ time since the last step or reset, the same eviction order, steps serialised) ac
 replicas. What lives in Redis, under ``KEY_PREFIX``:
 
 * ``ep:<id>``: a hash of ``meta`` (``<incarnation>:<rev>``: a new incarnation per reset,
-  the revision counting its steps) and ``data``, :meth:`TraceFixEnvironment.snapshot` as
-  JSON (everything the next step needs: task id, file, undo history, counters, the reward's
-  potential, the last measured run). At most ``MAX_EPISODE_BYTES``; it expires ``ttl_s``
-  after its last step or reset.
+  the revision counting its steps), ``data`` (:meth:`TraceFixEnvironment.snapshot` as JSON:
+  everything the next step needs: task id, file, undo history, counters, the reward's
+  potential, the last measured run), and ``rid`` and ``answer`` (the last step's
+  ``request_id`` and observation, when it had one: a retry gets that answer back). At most
+  ``MAX_EPISODE_BYTES``; it expires ``ttl_s`` after its last step or reset.
 * ``index`` / ``finished``: sorted sets of ids by last-step time (milliseconds), all and
   finished ones, from which the capacity is counted and the eviction victim chosen.
 * ``lock:<id>``: the lease of the replica stepping the episode.
@@ -41,7 +42,7 @@ import redis.asyncio as redis
 from redis.exceptions import RedisError
 
 from tracefix_rl.environment import TraceFixEnvironment
-from tracefix_rl.models import TraceFixState
+from tracefix_rl.models import TraceFixObservation, TraceFixState
 from tracefix_rl.server.episodes import (
     MIN_RETRY_AFTER_S,
     EpisodeStoreFull,
@@ -122,12 +123,18 @@ return {1, victim}
 """
 
 # KEYS: episode, index, finished, lock. ARGV: meta read, new meta, payload, ttl_ms, now_ms,
-# id, done (1/0), lease token. Stores the payload if the step still holds the lease (else
-# -1; see _SETTLE) and the stored meta is still the one it read (else 0: reset or evicted).
+# id, done (1/0), lease token, request id ('' for none), answer. Stores the payload if the
+# step still holds the lease (else -1; see _SETTLE) and the stored meta is still the one it
+# read (else 0: reset or evicted).
 _COMMIT = """
 if redis.call('GET', KEYS[4]) ~= ARGV[8] then return -1 end
 if redis.call('HGET', KEYS[1], 'meta') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'meta', ARGV[2], 'data', ARGV[3])
+if ARGV[9] ~= '' then
+  redis.call('HSET', KEYS[1], 'rid', ARGV[9], 'answer', ARGV[10])
+else
+  redis.call('HDEL', KEYS[1], 'rid', 'answer')
+end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[2], tonumber(ARGV[5]), ARGV[6])
 if ARGV[7] == '1' then redis.call('ZADD', KEYS[3], tonumber(ARGV[5]), ARGV[6]) end
@@ -250,16 +257,23 @@ class RedisEpisodes:
                                f"{MAX_EPISODE_BYTES}-byte bound")  # fmt: skip
         return payload
 
-    async def _load(self, episode_id: str) -> tuple[str, dict[str, Any]]:
-        """The episode's ``meta`` and snapshot; raises :class:`UnknownEpisode`."""
+    async def _load(
+        self, episode_id: str, request_id: str | None = None
+    ) -> tuple[str, dict[str, Any] | TraceFixObservation]:
+        """The episode's ``meta`` and snapshot, or, when its last step had ``request_id``,
+        that step's observation; raises :class:`UnknownEpisode`."""
         key = self._episode_key(episode_id)
-        meta, data = await self._call(self._redis.hmget(key, ["meta", "data"]))
+        meta, data, rid, answer = await self._call(
+            self._redis.hmget(key, ["meta", "data", "rid", "answer"])
+        )
         if meta is None or data is None:
             raise UnknownEpisode(
                 f"unknown or expired episode_id {episode_id!r} (HTTP episodes expire "
                 f"{self.ttl_s:.0f}s after their last step); POST /reset to start one"
             )
         try:
+            if request_id is not None and rid is not None and rid.decode() == request_id:
+                return meta.decode(), TraceFixObservation.model_validate_json(answer)
             return meta.decode(), json.loads(data)
         except ValueError:  # UnicodeDecodeError included: not written by this store
             raise EpisodeStoreUnavailable(
@@ -301,13 +315,17 @@ class RedisEpisodes:
         finally:
             env.close()  # the episode lives in Redis now
 
-    async def step(self, episode_id: str, run: StepRunner[Result]) -> Result:
+    async def step(
+        self, episode_id: str, run: StepRunner, request_id: str | None = None
+    ) -> TraceFixObservation:
         token = uuid.uuid4().hex
         await self._acquire(episode_id, token)
         renewal = asyncio.create_task(self._keep_lease(episode_id, token))
         env: TraceFixEnvironment | None = None
         try:
-            meta, snapshot = await self._load(episode_id)
+            meta, snapshot = await self._load(episode_id, request_id)
+            if isinstance(snapshot, TraceFixObservation):
+                return snapshot  # a retry of the step already applied
             await self._call(self._touch(keys=[self._episode_key(episode_id), self._INDEX],
                                          args=[_now_ms(), episode_id]))  # fmt: skip
             env = self._new_environment()
@@ -323,7 +341,8 @@ class RedisEpisodes:
             keys = [self._episode_key(episode_id), self._INDEX, self._FINISHED,
                     self._lock_key(episode_id)]  # fmt: skip
             args = [meta, new_meta, self._payload(env), self.ttl_ms, _now_ms(), episode_id,
-                    "1" if env.state.done else "0", token]  # fmt: skip
+                    "1" if env.state.done else "0", token, request_id or "",
+                    result.model_dump_json() if request_id is not None else ""]  # fmt: skip
             try:
                 committed = await self._call(self._commit(keys=keys, args=args))
             except EpisodeStoreUnavailable:
@@ -345,6 +364,7 @@ class RedisEpisodes:
 
     async def state(self, episode_id: str) -> TraceFixState:
         _, snapshot = await self._load(episode_id)
+        assert isinstance(snapshot, dict)
         return TraceFixState.model_validate(snapshot["episode"]["state"])
 
     async def count(self) -> int:

@@ -128,8 +128,13 @@ class EpisodeStepRequest(BaseModel):
     timeout_s: float | None = Field(
         default=None, gt=0, description="Accepted for OpenEnv compatibility; unused."
     )
-    request_id: str | None = Field(
-        default=None, max_length=ID_MAX_CHARS, description="Accepted for OpenEnv compatibility."
+    request_id: SafeText | None = Field(
+        default=None,
+        min_length=1,
+        max_length=ID_MAX_CHARS,
+        description="An id of this step, new for each step: a retry of the step with the same "
+        "request_id (after a timeout or a 502) gets the first answer back instead of the step "
+        "being applied twice. Only the episode's last step is remembered.",
     )
 
 
@@ -360,7 +365,7 @@ def register_http_routes(
             raise HTTPException(400, NO_EPISODE)
         try:
             observation = await episodes.step(
-                episode_id, lambda env: in_thread(env.step, body.action)
+                episode_id, lambda env: in_thread(env.step, body.action), body.request_id
             )
         except UnknownEpisode as exc:
             raise HTTPException(404, str(exc)) from None

@@ -267,6 +267,30 @@ def test_a_password_in_the_store_url_is_never_shown(monkeypatch):
     assert "hunter2" not in str(refused.value) and "user:***@redis" in str(refused.value)
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_a_step_retried_with_its_request_id_is_answered_not_applied_again(
+    start_server, redis_url, store
+):
+    env = {"EPISODE_STORE": redis_url} if store == "redis" else {}
+    replicas = [start_server(extra_env=env) for _ in range(2 if store == "redis" else 1)]
+    urls = [r.url for r in replicas]
+    httpx.post(f"{urls[0]}/reset", json={"task_id": TASK, "episode_id": "retried"})
+
+    def step(url: str, action: dict[str, Any], request_id: str) -> httpx.Response:
+        body = {"action": action, "episode_id": "retried", "request_id": request_id}
+        return httpx.post(f"{url}/step", json=body, timeout=60)
+
+    first = step(urls[0], FIX, "step-1")
+    again = step(urls[-1], FIX, "step-1")  # the answer was lost: the client retries
+    assert first.content == again.content
+    assert first.json()["observation"]["step_count"] == 1
+    tests = step(urls[0], {"action_type": "RUN_TESTS"}, "step-2")
+    assert tests.json()["observation"]["step_count"] == 2
+    assert step(urls[-1], FIX, "step-1").json()["observation"]["step_count"] == 3  # not last
+    state = httpx.get(f"{urls[0]}/state", params={"episode_id": "retried"}).json()
+    assert state["step_count"] == 3
+
+
 def test_the_configuration_reference_documents_the_store():
     text = (REPO / "docs" / "configuration.md").read_text()
     assert "| `EPISODE_STORE` | `memory` |" in text
