@@ -82,6 +82,9 @@ def revalidate_generated(registry: TaskRegistry) -> None:
         ))  # fmt: skip
     for task, verdict in zip(generated, verdicts, strict=True):
         problem = check_buggy(task, verdict)
+        measured = tuple(t.passed for t in verdict.tests)
+        if problem is None and task.buggy_passing and measured != task.buggy_passing:
+            problem = "the corpus's per-test outcomes of the buggy code differ from a new run"
         if problem:
             del registry.tasks[task.task_id]
             registry.problems.append(TaskProblem(task.origin, problem, task.task_id, task.source))

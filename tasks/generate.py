@@ -339,6 +339,7 @@ def generate(programs: list[Task], sandbox: SandboxBackend, seed: int = DEFAULT_
                 "features": features,
                 "visible_passed": visible_passed,
                 "all_passed": verdict.passed,
+                "passing": "".join("1" if t.passed else "0" for t in verdict.tests),
                 "buggy_code": code,
             })  # fmt: skip
     return corpus

@@ -157,7 +157,9 @@ def load_generated(registry: TaskRegistry, corpus: Path) -> None:
             features=entry["features"],
             buggy_visible_passed=entry["visible_passed"],
             buggy_all_passed=entry["all_passed"],
-            buggy_passing=(),  # not in the corpus: measured by the first episode to need it
+            # per test, as generation measured it; a corpus without it: measured by the
+            # first episode to need it (episode.state.Episode.buggy_outcomes)
+            buggy_passing=tuple(c == "1" for c in entry.get("passing", "")),
         )
 
 

@@ -151,8 +151,9 @@ class Task:
     chooses the visible ones)."""
     buggy_passing: tuple[bool, ...] = ()
     """Whether the buggy code passes each test of ``all_tests`` (visible, then hidden), as the
-    oracle check measured it; empty when not measured (generated tasks, whose corpus stores
-    counts only: the episode measures them at its first grading)."""
+    oracle check (or, for generated tasks, generation) measured it; empty when not measured
+    (a corpus written before it stored them: the episode measures them at its first
+    grading)."""
 
     @property
     def all_tests(self) -> tuple[TaskTest, ...]:

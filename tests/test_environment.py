@@ -506,12 +506,21 @@ def test_gain_is_set_when_done_and_measures_the_change(make_env, registry: TaskR
     assert broken.done and broken.truncated and broken.gain == 0.0 and broken.score == 0.0
 
 
-def test_gain_of_a_generated_task_measures_the_buggy_code_once(make_env, registry):
+def test_gain_of_a_generated_task_uses_the_corpus_outcomes(make_env, registry):
+    from dataclasses import replace
+
     task_id = registry.ids(source="generated")[0]
     task = registry.tasks[task_id]
-    assert task.buggy_passing == ()  # the corpus stores counts only
+    assert len(task.buggy_passing) == len(task.all_tests)  # the corpus stores them per test
+    assert sum(task.buggy_passing) == task.buggy_all_passed
     env = make_env()
     env.reset(task_id=task_id)
     obs = env.step(act("SUBMIT"))
     assert obs.done and obs.gain == 0.0 and obs.score == task.buggy_all_passed / len(task.all_tests)
-    assert sum(env.episode.buggy_outcomes()) == task.buggy_all_passed
+    assert env.episode.buggy_outcomes() == task.buggy_passing
+    older = replace(task, buggy_passing=())  # a corpus written before they were stored
+    measured = TraceFixEnvironment(registry=TaskRegistry(tasks={task_id: older}))
+    measured.reset(task_id=task_id)
+    assert measured.step(act("SUBMIT")).gain == 0.0
+    assert measured.episode.buggy_outcomes() == task.buggy_passing  # measured: the same
+    measured.close()
