@@ -99,7 +99,7 @@ class ServerProcess:
         self.log_path.unlink(missing_ok=True)
 
 
-PACKAGE_FOLDERS = ("actions", "episode", "sandbox", "server", "tasks")
+PACKAGE_FOLDERS = ("actions", "agent", "episode", "sandbox", "server", "tasks")
 
 
 def run_in_package_copy(tmp_path: Path, new_modules: dict[str, str], task: str, probe: str,

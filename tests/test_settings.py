@@ -26,9 +26,9 @@ from tracefix_rl.settings import (
 VARIABLES = [variable(name) for name in Settings.model_fields]
 BACKTICKED = re.compile(r"`([^`]*)`")
 # Modules allowed to read os.environ: settings.py (through pydantic-settings), models.py (the
-# web UI import guard, before any settings exist; see settings.py) and inference.py (a client
-# with its own variables).
-ENVIRONMENT_READERS = {"settings.py", "models.py", "inference.py"}
+# web UI import guard, before any settings exist; see settings.py) and the baseline agent's
+# environment module (it passes its own environment on to a server it starts).
+ENVIRONMENT_READERS = {"settings.py", "models.py", "agent/environment.py"}
 NOT_PACKAGE_CODE = {"tests", "bench", "build", "scripts", "task_data"}
 
 
