@@ -23,6 +23,19 @@ def free_port(host: str = LOOPBACK) -> int:
         return sock.getsockname()[1]
 
 
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """``count`` distinct TCP ports on ``host`` that were free a moment ago (calling
+    :func:`free_port` once per port can return one port twice: the OS reuses a released one)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def stop_process_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """End a process started with ``start_new_session=True`` and everything in its group:
     SIGTERM, then SIGKILL if it has not exited within ``grace_s``; returns once it has been

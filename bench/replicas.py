@@ -112,7 +112,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -133,7 +132,7 @@ from common import REPO, add_results_option, stop_process_group, write_result
 from replicas_config import render_loopback
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from tracefix_rl.procs import children_of, start_redis, wait_for_port
+from tracefix_rl.procs import children_of, free_ports, start_redis, wait_for_port
 from tracefix_rl.server import SERVER_MODULE
 
 COMPOSE = REPO / "deploy" / "compose.yaml"
@@ -391,19 +390,6 @@ class Replica(Listening):
     env: dict[str, str]
     log: Path
     proc: subprocess.Popen | None = None
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct TCP ports of the loopback that were free a moment ago (calling
-    ``free_port`` once per port can return one port twice: the OS reuses a released one)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((LOOPBACK, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def start_replica(processes: Processes, replica: Replica) -> None:

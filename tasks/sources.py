@@ -21,6 +21,17 @@ def task_files(path: Path) -> list[Path]:
     return [path]
 
 
+def json_lines(text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for every non-blank line of JSON Lines ``text``; the value is the
+    ``json.JSONDecodeError`` of a line that is not JSON."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield number, exc
+
+
 def read_entries(path: Path) -> Iterator[tuple[str, Any]]:
     """Yield (origin, raw entry or exception) for every task entry in ``path``."""
     if not path.exists():
@@ -37,13 +48,10 @@ def read_entries(path: Path) -> Iterator[tuple[str, Any]]:
         except tomllib.TOMLDecodeError as exc:
             yield str(path), ValueError(f"invalid TOML: {exc}")
     elif path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                origin = f"{path}:{number}"
-                try:
-                    yield origin, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield origin, ValueError(f"invalid JSON: {exc.msg} (column {exc.colno})")
+        for number, value in json_lines(text):
+            if isinstance(value, json.JSONDecodeError):
+                value = ValueError(f"invalid JSON: {value.msg} (column {value.colno})")
+            yield f"{path}:{number}", value
     elif path.suffix == ".json":
         try:
             data = json.loads(text)

@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from tracefix_rl.sandbox import SandboxBackend
-from tracefix_rl.tasks.generate import tier_of
+from tracefix_rl.tasks.generate import features_of, tier_of
 from tracefix_rl.tasks.oracle import oracle_check, reference_run
 from tracefix_rl.tasks.schema import Task, TaskProblem, TaskTest, parse_task
 
 PLACEHOLDER_TIER = "medium"  # replaced by the measured tier before an entry is written
+IMPORTED_EDIT = "imported"  # the kind of each hunk of an imported fix, in the tier features
 
 
 @dataclass
@@ -76,21 +77,14 @@ def test_problems(task: Task, sandbox: SandboxBackend) -> list[str | None]:
 
 
 def _features(task: Task) -> dict[str, Any]:
-    """The tier features of a checked task (``tasks.generate.features_of``'s keys): edits
-    are the fix's separate hunks."""
+    """The tier features of a checked task, as ``tasks.generate.features_of`` measures a
+    mutant's; its edits are the fix's separate hunks."""
     buggy, fixed = task.buggy_code.splitlines(), task.solution.splitlines()
     opcodes = difflib.SequenceMatcher(None, buggy, fixed, autojunk=False).get_opcodes()
-    hunks = [op for op in opcodes if op[0] != "equal"]
-    changed = sum(1 for line in difflib.ndiff(fixed, buggy) if line.startswith(("- ", "+ ")))
+    hunks = sum(1 for op in opcodes if op[0] != "equal")
     visible = len(task.visible_tests)
-    return {
-        "edits": max(1, len(hunks)),
-        "kinds": [],
-        "visible_failing": sum(not p for p in task.buggy_passing[:visible]),
-        "visible_total": visible,
-        "fix_lines": changed,
-        "program_lines": len(task.solution.strip().splitlines()),
-    }
+    failing = sum(not passed for passed in task.buggy_passing[:visible])
+    return features_of(task, task.buggy_code, [IMPORTED_EDIT] * max(1, hunks), failing)
 
 
 def check_draft(draft: Draft, sandbox: SandboxBackend) -> Outcome:

@@ -32,6 +32,7 @@ from typing import Any
 
 from tracefix_rl.tasks.importers import Draft, slug
 from tracefix_rl.tasks.schema import shown_name
+from tracefix_rl.tasks.sources import json_lines
 
 SOURCE = "humanevalfix"
 REQUIRED = ("task_id", "declaration", "buggy_solution", "canonical_solution", "test",
@@ -171,13 +172,9 @@ def drafts(path: Path) -> list[Draft]:
     """A draft per row of the JSONL file at ``path`` (rows that are not JSON objects are
     drafts dropped with the reason)."""
     result = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            result.append(Draft(f"line {number}", dropped=f"invalid JSON: {exc.msg}"))
+    for number, row in json_lines(path.read_text(encoding="utf-8")):
+        if isinstance(row, json.JSONDecodeError):
+            result.append(Draft(f"line {number}", dropped=f"invalid JSON: {row.msg}"))
             continue
         if not isinstance(row, dict):
             result.append(Draft(f"line {number}", dropped="not a JSON object"))

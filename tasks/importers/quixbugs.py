@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tracefix_rl.tasks.importers import Draft
+from tracefix_rl.tasks.sources import json_lines
 
 SOURCE = "quixbugs"
 FOLDERS = ("python_programs", "correct_python_programs", "json_testcases")
@@ -51,13 +52,9 @@ def description_of(code: str, name: str) -> str:
 def _cases(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The cases of one JSON test file and notes on the lines that are not cases."""
     cases, notes = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            case = json.loads(line)
-        except json.JSONDecodeError as exc:
-            notes.append(f"{path.name} line {number} skipped: invalid JSON ({exc.msg})")
+    for number, case in json_lines(path.read_text(encoding="utf-8")):
+        if isinstance(case, json.JSONDecodeError):
+            notes.append(f"{path.name} line {number} skipped: invalid JSON ({case.msg})")
             continue
         if not (isinstance(case, list) and len(case) == 2):
             notes.append(f"{path.name} line {number} skipped: not [arguments, expected]")
