@@ -42,6 +42,7 @@ tasks, and closes the sandbox at shutdown.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -203,6 +204,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except SettingsError as exc:
         raise SystemExit(f"tracefix_rl: invalid configuration:\n{exc}") from None
     logging.basicConfig(level=settings.log_level, stream=sys.stderr, format=LOG_FORMAT)
+    if settings.episode_store != "memory":  # before anything starts: one line if unreachable
+        from tracefix_rl.server.redis_episodes import wait_for_redis
+
+        try:
+            asyncio.run(wait_for_redis(settings.episode_store))
+        except RuntimeError as exc:
+            raise SystemExit(f"tracefix_rl: {exc}") from None
     loader = TaskLoader(settings)
     loader.start()
     app = create_tracefix_app(settings, loader)

@@ -170,6 +170,34 @@ return 0
 """
 
 
+async def ping_until(client: redis.Redis, url: str, wait_s: float = CONNECT_WAIT_S) -> None:
+    """Return once Redis at ``url`` answers a PING; ``RuntimeError`` naming the URL (its
+    password redacted) if it does not within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            await client.ping()
+            return
+        except (RedisError, OSError) as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"EPISODE_STORE: Redis at {redacted(url)} did not answer within "
+                    f"{wait_s:.0f}s ({type(exc).__name__}: {exc})"
+                ) from None
+            await asyncio.sleep(0.5)
+
+
+async def wait_for_redis(url: str, wait_s: float = CONNECT_WAIT_S) -> None:
+    """:func:`ping_until` with a client of its own (``server.app.main`` checks the store
+    before it starts anything, so a wrong URL ends the process with one line)."""
+    client = redis.from_url(url, socket_timeout=SOCKET_TIMEOUT_S,
+                            socket_connect_timeout=SOCKET_TIMEOUT_S)  # fmt: skip
+    try:
+        await ping_until(client, url, wait_s)
+    finally:
+        await client.aclose()
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -234,20 +262,8 @@ class RedisEpisodes:
         return result
 
     async def wait_until_reachable(self, wait_s: float = CONNECT_WAIT_S) -> None:
-        """At start-up: wait for Redis to answer a PING; ``RuntimeError`` naming the URL if it
-        does not within ``wait_s``."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                await self._redis.ping()
-                return
-            except (RedisError, OSError) as exc:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"EPISODE_STORE: Redis at {redacted(self.url)} did not answer within "
-                        f"{wait_s:.0f}s ({type(exc).__name__}: {exc})"
-                    ) from None
-                await asyncio.sleep(0.5)
+        """At start-up: wait for Redis to answer a PING (see :func:`ping_until`)."""
+        await ping_until(self._redis, self.url, wait_s)
 
     @staticmethod
     def _payload(env: TraceFixEnvironment) -> str:

@@ -208,6 +208,7 @@ def test_a_server_whose_redis_never_answers_refuses_to_start():
     assert done.returncode != 0
     assert "EPISODE_STORE: Redis at redis://127.0.0.1:" in done.stderr
     assert "did not answer within 15s" in done.stderr
+    assert "Traceback" not in done.stderr  # one line, before anything started
 
 
 def test_snapshots_restore_every_action_byte_for_byte(registry):
